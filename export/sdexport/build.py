@@ -1,0 +1,99 @@
+"""`sdexport build`: export the four models into one verified bundle."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from sdrun.bundle import MANIFEST, Bundle
+from sdrun.check import check_bundle
+from sdrun.errors import SpotdiffError
+from sdrun.vocab import default_prompt_templates
+
+from .context import BuildContext
+from .models import MODEL_ORDER, exporter
+from .sources import Source, SourceError, parse_source
+from .writer import BundleWriter
+
+# The seed notebook's pipeline parameters; `sdrun tune` rewrites them.
+DEFAULT_PARAMS = {
+    "det_thr": 0.25,
+    "iou_thr": 0.5,
+    "alpha": 0.5,
+    "heat_lambda": 0.8,
+    "heat_th": 0.5,
+    "wbf_iou_thr": 0.55,
+    "wbf_skip_box_thr": 0.05,
+    "owlvit_score_thr": 0.05,
+    "gdino_box_thr": 0.05,
+}
+
+
+class BuildError(SpotdiffError):
+    pass
+
+
+def resolve_sources(preset: str | None, specs: dict[str, str | None]) -> dict[str, Source]:
+    return {m: parse_source(m, specs.get(m), preset) for m in MODEL_ORDER}
+
+
+def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[str],
+                 prompt_templates: list[str] | None = None, seed: int = 0,
+                 gdino_size: tuple[int, int] = (800, 800), siamese_ckpt: str | None = None,
+                 check: bool = True, log: Callable[[str], None] = print) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise BuildError(f"{out} exists and is not a bundle; refusing to overwrite it")
+    if siamese_ckpt is not None and not Path(siamese_ckpt).is_file():
+        raise SourceError(f"--siamese-ckpt {siamese_ckpt}: file not found")
+    ctx = BuildContext(vocabulary=list(vocabulary),
+                       prompt_templates=list(prompt_templates or default_prompt_templates()),
+                       seed=seed, gdino_size=tuple(gdino_size), log=log)
+    staging = out.parent / f".{out.name}.building"
+    if staging.exists():
+        shutil.rmtree(staging)
+    writer = BundleWriter(staging)
+    t0 = time.perf_counter()
+    models = {}
+    try:
+        for name in MODEL_ORDER:
+            src = sources[name]
+            if src.kind == "none":
+                log(f"[{name}] left out")
+                continue
+            log(f"[{name}] from {src.kind} {src.id}")
+            kwargs = {"ckpt": siamese_ckpt} if name == "siamese" else {}
+            models[name] = exporter(name).export_model(src, writer, ctx, **kwargs)
+        writer.finalize({
+            "vocabulary": ctx.vocabulary,
+            "prompt_templates": ctx.prompt_templates,
+            "models": models,
+            "params_file": writer.save_json("params.json", DEFAULT_PARAMS),
+            "build": {"seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+                      "timings": ctx.timings},
+        })
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    log(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
+    if check:
+        failures = verify(out, log)
+        if failures:
+            raise BuildError(f"{out}: {failures} output(s) out of tolerance against PyTorch "
+                             "(see the table above)")
+    return out
+
+
+def verify(root: Path, log: Callable[[str], None] = print) -> int:
+    """Run the golden check; log one line per output; return the number of failures."""
+    failures = 0
+    for c in check_bundle(Bundle.load(root)):
+        failures += not c.ok
+        log(f"  check {c.model}/{c.graph}/{c.case}/{c.output}: rel_l2 {c.rel_l2:.2e} "
+            f"max_abs {c.max_abs:.2e} (tol {c.tolerance:.0e}) {'ok' if c.ok else 'FAIL'}"
+            f"{'  ' + c.note if c.note else ''}")
+    return failures

@@ -1,0 +1,150 @@
+"""The bundle: a folder with `manifest.json` and the files it names.
+
+Loading validates it: the schema version, that every named file lies inside the
+folder, exists and has the recorded sha256. Arrays are `.npy`/`.npz` read with
+`allow_pickle=False`; there are no pickles in a bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_NAMES = ("owlvit", "gdino", "siamese", "clip")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_inside(root: Path, rel: str) -> Path:
+    """`root/rel`, refusing absolute paths and anything that leaves `root`."""
+    if not isinstance(rel, str) or not rel:
+        raise BundleError(f"{root / MANIFEST}: invalid file name {rel!r}")
+    if Path(rel).is_absolute():
+        raise BundleError(f"{root / MANIFEST}: file {rel!r} is an absolute path; "
+                          "files must lie inside the bundle folder")
+    root_real = root.resolve()
+    path = (root / rel).resolve()
+    if path != root_real and root_real not in path.parents:
+        raise BundleError(f"{root / MANIFEST}: file {rel!r} resolves to {path}, "
+                          "outside the bundle folder")
+    return path
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        root = Path(root)
+        mpath = root / MANIFEST
+        if not root.is_dir():
+            raise BundleError(f"{root}: not a bundle folder (it does not exist or is not a folder)")
+        if not mpath.is_file():
+            raise BundleError(f"{mpath}: missing; build a bundle with `sdexport build`")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mpath}: expected a JSON object")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"{mpath}: unknown schema_version {version!r}; this sdrun reads "
+                f"version {SCHEMA_VERSION}. Rebuild the bundle or use a matching sdrun.")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise BundleError(f"{mpath}: no 'files' table")
+        bundle = cls(root=root, manifest=manifest)
+        for rel, meta in files.items():
+            path = resolve_inside(root, rel)
+            if not path.is_file():
+                raise BundleError(f"{root / rel}: missing (named in {mpath})")
+            if verify:
+                digest = sha256_file(path)
+                if digest != meta.get("sha256"):
+                    raise BundleError(
+                        f"{root / rel}: sha256 {digest[:12]}... does not match the manifest's "
+                        f"{str(meta.get('sha256'))[:12]}...: the file was altered or corrupted")
+        # every file a model entry names must be listed (and so verified)
+        for rel in bundle._named_files(manifest.get("models", {})):
+            if rel not in files:
+                raise BundleError(f"{mpath}: {rel!r} is used but not listed in 'files'")
+        return bundle
+
+    @staticmethod
+    def _named_files(node: Any):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("file", "files") or k.endswith("_file"):
+                    yield from (v if isinstance(v, list) else [v])
+                else:
+                    yield from Bundle._named_files(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from Bundle._named_files(v)
+
+    # ---- access -------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, dict]:
+        return self.manifest.get("models", {})
+
+    def has(self, model: str) -> bool:
+        return model in self.models
+
+    def model(self, name: str) -> dict:
+        if name not in self.models:
+            raise BundleError(f"{self.root / MANIFEST}: the bundle has no {name!r} model "
+                              f"(it has: {', '.join(self.models) or 'none'})")
+        return self.models[name]
+
+    def path(self, rel: str) -> Path:
+        if rel not in self.manifest["files"]:
+            raise BundleError(f"{self.root / MANIFEST}: {rel!r} is not listed in 'files'")
+        return resolve_inside(self.root, rel)
+
+    def array(self, rel: str) -> np.ndarray:
+        if rel not in self._cache:
+            try:
+                self._cache[rel] = np.load(self.path(rel), allow_pickle=False)
+            except ValueError as e:
+                raise BundleError(f"{self.root / rel}: cannot be read as a numpy array ({e})") from None
+        return self._cache[rel]
+
+    def arrays(self, rel: str) -> dict[str, np.ndarray]:
+        """An `.npz` file as a dict of arrays."""
+        if rel not in self._cache:
+            try:
+                with np.load(self.path(rel), allow_pickle=False) as z:
+                    self._cache[rel] = {k: z[k] for k in z.files}
+            except ValueError as e:
+                raise BundleError(f"{self.root / rel}: cannot be read as an npz archive ({e})") from None
+        return self._cache[rel]
+
+    def json(self, rel: str) -> Any:
+        return json.loads(self.path(rel).read_text())
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return list(self.manifest["vocabulary"])
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.json(self.manifest["params_file"])

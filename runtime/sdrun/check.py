@@ -1,0 +1,113 @@
+"""`sdrun check`: run every graph on the golden samples recorded from PyTorch.
+
+Golden files are `.npz` archives with keys `{case}__{graph}__in__{name}` and
+`{case}__{graph}__out__{name}`. Each output is compared with relative L2
+(||run - ref|| / ||ref||) against the tolerance the manifest states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .bundle import Bundle
+from .session import OnnxModel
+
+DEFAULT_REL_L2 = 1e-5
+
+
+@dataclass
+class OutputCheck:
+    model: str
+    graph: str
+    case: str
+    output: str
+    shape: tuple
+    max_abs: float
+    rel_l2: float
+    tolerance: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rel_l2 <= self.tolerance)
+
+
+def compare(run: np.ndarray, ref: np.ndarray) -> tuple[float, float, str]:
+    """(max_abs, rel_l2, note) of `run` against `ref`; non-finite entries must coincide."""
+    if run.shape != ref.shape:
+        return np.inf, np.inf, f"shape {run.shape} != reference {ref.shape}"
+    run = run.astype(np.float64)
+    ref = ref.astype(np.float64)
+    fin_run, fin_ref = np.isfinite(run), np.isfinite(ref)
+    if not np.array_equal(fin_run, fin_ref) or not np.array_equal(run[~fin_ref], ref[~fin_ref]):
+        return np.inf, np.inf, "non-finite entries differ"
+    if not fin_ref.any():
+        return 0.0, 0.0, "all entries non-finite"
+    d = run[fin_ref] - ref[fin_ref]
+    max_abs = float(np.abs(d).max()) if d.size else 0.0
+    denom = float(np.linalg.norm(ref[fin_ref]))
+    rel = float(np.linalg.norm(d)) / denom if denom > 0 else max_abs
+    return max_abs, rel, ""
+
+
+def match_slots(run: dict, ref: dict, keys: list[str], axis: int = 1) -> tuple[dict, int]:
+    """Reorder the query slots of `run` to best match `ref` (per batch item).
+
+    Grounding DINO's two-stage top-k can swap two adjacent slots on ~1e-5
+    differences; each slot then carries different boxes and logits. Slots are
+    paired by Hungarian matching on the summed L1 distance of the slot's outputs.
+    Returns the reordered outputs and the number of slots that moved.
+    """
+    out = dict(run)
+    first = ref[keys[0]]
+    moved = 0
+    for b in range(first.shape[0]):
+        cost = 0.0
+        for k in keys:
+            a = np.nan_to_num(np.moveaxis(ref[k][b], axis - 1, 0).reshape(first.shape[axis], -1),
+                              posinf=0.0, neginf=0.0)
+            r = np.nan_to_num(np.moveaxis(run[k][b], axis - 1, 0).reshape(first.shape[axis], -1),
+                              posinf=0.0, neginf=0.0)
+            cost = cost + np.abs(a[:, None, :] - r[None, :, :]).mean(-1)
+        rows, cols = linear_sum_assignment(cost)
+        perm = cols[np.argsort(rows)]
+        moved += int((perm != np.arange(len(perm))).sum())
+        for k in keys:
+            arr = out[k].copy()
+            arr[b] = np.take(run[k][b], perm, axis=axis - 1)
+            out[k] = arr
+    return out, moved
+
+
+def golden_cases(golden: dict[str, np.ndarray]) -> dict[tuple[str, str], dict[str, dict]]:
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    for key, arr in golden.items():
+        case, graph, kind, name = key.split("__", 3)
+        cases.setdefault((case, graph), {"in": {}, "out": {}})[kind][name] = arr
+    return cases
+
+
+def check_bundle(bundle: Bundle, provider: str = "cpu", models: list[str] | None = None):
+    """Yield an `OutputCheck` per (model, graph, case, output)."""
+    for name, entry in bundle.models.items():
+        if models and name not in models:
+            continue
+        golden = bundle.arrays(entry["golden_file"])
+        tol = entry.get("tolerance", {}).get("rel_l2", DEFAULT_REL_L2)
+        sessions: dict[str, OnnxModel] = {}
+        for (case, graph), io in sorted(golden_cases(golden).items()):
+            gentry = entry["graphs"][graph]
+            if graph not in sessions:
+                sessions[graph] = OnnxModel(bundle.path(gentry["file"]), provider=provider)
+            outs = sessions[graph].run(io["in"])
+            note = ""
+            slots = gentry.get("slot_outputs")
+            if slots:
+                outs, moved = match_slots(outs, io["out"], slots, axis=gentry.get("slot_axis", 1))
+                note = f"{moved} slot(s) reordered" if moved else ""
+            for oname, ref in io["out"].items():
+                max_abs, rel, why = compare(outs[oname], ref)
+                yield OutputCheck(name, graph, case, oname, tuple(ref.shape), max_abs, rel, tol,
+                                  why or note)

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny bundle per test session, and a torch-free subprocess runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REAL_PAIRS = SHARED / "data" / "octwave" / "pairs"
+TRAIN_CSV = SHARED / "data" / "octwave" / "train.csv"
+
+# Imported first in a child process: any attempt to import these fails.
+BLOCK_TORCH = textwrap.dedent("""
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "transformers", "timm", "open_clip", "sdexport"}:
+                raise ImportError(f"blocked in this test: {name}")
+    sys.meta_path.insert(0, _Block())
+""")
+
+
+def run_without_torch(argv: list[str], cwd: Path | None = None, timeout: float = 600,
+                      env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `sdrun ARGV` in a fresh process where importing torch (and friends) fails."""
+    code = BLOCK_TORCH + textwrap.dedent(f"""
+        sys.argv = ["sdrun"] + {argv!r}
+        from sdrun.cli import main
+        main()
+    """)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The tiny-random bundle with all four models (built once per test session)."""
+    pytest.importorskip("torch")
+    from sdexport.build import build_bundle, resolve_sources
+    from sdrun.vocab import default_vocabulary
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    build_bundle(out, resolve_sources("tiny-random", {}), default_vocabulary(),
+                 gdino_size=(256, 256), log=lambda s: None)
+    return out
