@@ -52,13 +52,19 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: l
     import warnings
 
     module.eval()
-    # Not under no_grad: nn.MultiheadAttention's inference fast path
-    # (aten::_native_multi_head_attention) has no ONNX symbolic.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        torch.onnx.export(module, args, str(path), input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes,
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    # no_grad: tracing with autograd on keeps every activation (Grounding DINO base at
+    # 800x800 then needs > 23 GB). nn.MultiheadAttention's inference fast path
+    # (aten::_native_multi_head_attention) has no ONNX symbolic, so switch it off.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(module, args, str(path), input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes,
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     model = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(str(path))
     return {"inputs": _io(model.graph.input), "outputs": _io(model.graph.output)}

@@ -91,7 +91,7 @@ def tool_versions() -> dict:
 
     out = {"python": platform.python_version()}
     for dist in ("spotdiff", "torch", "transformers", "timm", "open-clip-torch", "onnx",
-                 "onnxruntime", "numpy"):
+                 "onnxruntime", "numpy", "pillow", "torchvision"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
