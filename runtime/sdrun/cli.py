@@ -93,5 +93,135 @@ def info(bundle, as_json):
     click.echo(f"files       {len(m['files'])}, {total / 1e6:.1f} MB")
 
 
+def _params(values: tuple[str, ...]) -> dict:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. det_thr=0.3")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: {value!r} is not a number") from None
+    return out
+
+
+PROVIDER = click.option("--provider", default="cpu", show_default=True,
+                        help="Execution provider: cpu or cuda.")
+THREADS = click.option("--threads", type=int, default=None,
+                       help="onnxruntime intra-op threads (default: one per core).")
+PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+                     help="Override a bundle parameter for this run (repeatable), e.g. det_thr=0.3.")
+
+
+def _pipeline(bundle, provider, threads, params):
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=_params(params))
+    unknown = set(_params(params)) - set(pipe.bundle.params)
+    if unknown:
+        raise click.BadParameter(f"unknown parameter(s) {', '.join(sorted(unknown))}; the bundle "
+                                 f"has {', '.join(sorted(pipe.bundle.params))}")
+    return pipe
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="Folder with data/{id}_1.png and data/{id}_2.png (or the images directly).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Run only the ids of this CSV's img_id column, in its order.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Submission CSV to write (img_id, added_objs, removed_objs, changed_objs).")
+@click.option("--details", type=click.Path(dir_okay=False),
+              help="One JSON line per pair: label sets, every kept object, change score, errors. "
+                   "Default: OUT with .details.jsonl.")
+@click.option("--viz", "viz_dir", type=click.Path(file_okay=False),
+              help="Write a picture of every pair here (boxes by status, heatmap).")
+@click.option("--batch-pairs", default=1, show_default=True, type=click.IntRange(1),
+              help="Pairs per model call (each pair is 4 detector views).")
+@click.option("--resume", is_flag=True,
+              help="Keep the pairs already in the details file and run the rest.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@PROVIDER
+@THREADS
+@PARAM
+def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, quiet, provider,
+        threads, params):
+    """Run the pipeline on a folder of pairs and write a submission.
+
+    A pair that cannot be read (missing, empty, truncated or non-image file) is
+    reported on stderr and in the details file, gets 'none' in the submission, and
+    the run goes on; the exit status is then 1. A killed run loses nothing:
+    run again with --resume.
+    """
+    from pathlib import Path
+
+    from .dataset import list_pairs
+    from .runner import run_dataset
+
+    pipe = _pipeline(bundle, provider, threads, params)
+    pairs = list_pairs(data, csv_path)
+    if not pairs:
+        raise click.UsageError(f"no pairs found in {data} (expected data/{{id}}_1.png, {{id}}_2.png)")
+    out = Path(out)
+    details = Path(details) if details else out.with_suffix(".details.jsonl")
+    summary = run_dataset(pipe, pairs, out, details, batch_pairs=batch_pairs, resume=resume,
+                          viz_dir=Path(viz_dir) if viz_dir else None, progress=not quiet)
+    click.echo(f"{summary.total} pairs ({summary.done_before} done before), "
+               f"{len(summary.failed)} failed -> {out}, {details}", err=True)
+    if summary.failed or summary.duplicates:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("image_a", type=click.Path(dir_okay=False))
+@click.argument("image_b", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@click.option("--viz", type=click.Path(dir_okay=False), help="Write a picture of the result (PNG).")
+@PROVIDER
+@THREADS
+@PARAM
+def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
+    """What changed from IMAGE_A to IMAGE_B: added, removed and changed labels."""
+    from .images import load_image
+
+    pipe = _pipeline(bundle, provider, threads, params)
+    a, b = load_image(image_a), load_image(image_b)
+    r = pipe.diff(a, b)
+    if viz:
+        from .viz import save_pair_viz
+
+        save_pair_viz(viz, a, b, r)
+    if as_json:
+        click.echo(json.dumps(r.to_json(), indent=2))
+        return
+    for name in ("added", "removed", "changed"):
+        click.echo(f"{name:8} {' '.join(getattr(r, name)) or 'none'}")
+    click.echo(f"change   score {r.change_score:.3f}, logit {r.change_logit:.3f}")
+    for o in r.objects:
+        partner = "" if o["partner"] is None else f" <-> #{o['partner']}"
+        click.echo(f"  image {o['image']} #{o['index']:<3} {o['status']:8} {o['label']:12} "
+                   f"score {o['score']:.3f} fused {o['fused_score']:.3f} box "
+                   f"{[round(v, 1) for v in o['box']]}{partner}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write data/{id}_1.png, data/{id}_2.png and labels.csv into.")
+@click.option("--pairs", "n_pairs", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=224, show_default=True, type=click.IntRange(32),
+              help="Square image size in pixels.")
+def synth(out, n_pairs, seed, size):
+    """Make synthetic labelled pairs: simple objects added, removed, moved or recoloured,
+    with brightness and blocky compression-like distractors."""
+    from .synth import write_synthetic_pairs
+
+    labels = write_synthetic_pairs(out, n_pairs, seed=seed, size=(size, size))
+    click.echo(f"{n_pairs} pairs -> {labels.parent / 'data'}, labels in {labels}")
+
+
 if __name__ == "__main__":
     main()

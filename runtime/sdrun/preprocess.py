@@ -41,6 +41,7 @@ import numpy as np
 
 from .errors import BundleError
 from .images import as_rgb
+from .pixels import pixel_floor
 
 MODES = ("bicubic", "bilinear")
 WEIGHTS = ("pil", "torch")
@@ -288,11 +289,11 @@ def resize_center_crop(img: np.ndarray, resize_hw: tuple[int, int], crop_hw: tup
 def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the crop of pixel box (x1, y1, x2, y2) in an image of that size.
 
-    Rule: clip the box to the image, then take rows int(y1):int(y2) and columns
-    int(x1):int(x2) (int() = floor, the values being >= 0). A box that is then empty
-    along an axis (thinner than the pixel grid, or lying outside the image) gets the one
-    pixel row/column at int(y1) / int(x1), moved inside the image if it lies past the
-    edge. A box with x2 < x1 or y2 < y1, or NaN/inf coordinates, is an error."""
+    Rule: clip the box to the image, then take rows floor(y1):floor(y2) and columns
+    floor(x1):floor(x2), edges snapped as `pixels.pixel_floor` does. A box that is then
+    empty along an axis (thinner than the pixel grid, or lying outside the image) gets the
+    one pixel row/column at floor(y1) / floor(x1), moved inside the image if it lies past
+    the edge. A box with x2 < x1 or y2 < y1, or NaN/inf coordinates, is an error."""
     x1, y1, x2, y2 = (float(v) for v in box)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise ValueError(f"box {list(box)} has NaN or infinite coordinates")
@@ -300,7 +301,7 @@ def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int]:
         raise ValueError(f"box {list(box)} is not (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2")
 
     def axis(a, b, size):
-        lo, hi = int(min(max(a, 0.0), size)), int(min(max(b, 0.0), size))
+        lo, hi = pixel_floor(a, 0, size), pixel_floor(b, 0, size)
         if hi <= lo:
             lo = min(lo, size - 1)
             hi = lo + 1

@@ -1,0 +1,85 @@
+"""The competition's data layout: `DIR/data/{id}_1.png`, `{id}_2.png`, CSVs of ids and labels."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SpotdiffError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+SUBMISSION_COLUMNS = ("img_id", "added_objs", "removed_objs", "changed_objs")
+
+
+class DatasetError(SpotdiffError):
+    pass
+
+
+@dataclass
+class PairSource:
+    pair_id: str
+    a: Path | None
+    b: Path | None
+    problem: str | None = None  # why the pair cannot run (missing image, duplicate id)
+
+
+def image_dir(data: Path) -> Path:
+    """`DIR/data` when it exists (the competition layout), else DIR itself."""
+    data = Path(data)
+    if not data.is_dir():
+        raise DatasetError(f"{data}: not a folder")
+    return data / "data" if (data / "data").is_dir() else data
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for ext in IMAGE_EXTS:
+        p = folder / f"{stem}{ext}"
+        if p.exists():
+            return p
+    return None
+
+
+def read_ids(csv_path: Path) -> list[str]:
+    csv_path = Path(csv_path)
+    try:
+        with csv_path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "img_id" not in reader.fieldnames:
+                raise DatasetError(f"{csv_path}: no img_id column (columns: {reader.fieldnames})")
+            return [row["img_id"].strip() for row in reader if row.get("img_id", "").strip()]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{csv_path}: cannot be read as a CSV ({e})") from None
+
+
+def list_pairs(data: str | Path, csv_path: str | Path | None = None) -> list[PairSource]:
+    """Every pair to run, in order: the CSV's ids, or every `{id}_1.*` in the folder.
+    Problems (an id without images, a repeated id) are kept on the pair, not raised,
+    so one bad row never stops a run."""
+    folder = image_dir(Path(data))
+    if csv_path is not None:
+        ids = read_ids(Path(csv_path))
+    else:
+        ids = sorted({p.name.rsplit("_1", 1)[0] for p in folder.iterdir()
+                      if p.suffix.lower() in IMAGE_EXTS and p.stem.endswith("_1")},
+                     key=lambda s: (len(s), s))
+    pairs, seen = [], set()
+    for pair_id in ids:
+        if pair_id in seen:
+            pairs.append(PairSource(pair_id, None, None, f"duplicate id {pair_id!r} in {csv_path}: "
+                                    "run once, the repeat skipped"))
+            continue
+        seen.add(pair_id)
+        a, b = _find(folder, f"{pair_id}_1"), _find(folder, f"{pair_id}_2")
+        missing = [f"{pair_id}_{k}.png" for k, p in ((1, a), (2, b)) if p is None]
+        problem = f"{folder}: no image {' or '.join(missing)}" if missing else None
+        pairs.append(PairSource(pair_id, a, b, problem))
+    return pairs
+
+
+def label_cell(labels) -> str:
+    labels = sorted(set(labels))
+    return " ".join(labels) if labels else "none"
+
+
+def submission_row(pair_id: str, added, removed, changed) -> list[str]:
+    return [pair_id, label_cell(added), label_cell(removed), label_cell(changed)]

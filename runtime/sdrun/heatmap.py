@@ -1,0 +1,47 @@
+"""The Siamese change heatmap and the score fusion it drives."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .pixels import pixel_floor
+
+TOP_SHARE = 0.05  # the global change score is the mean of the top 5% of the heatmap
+
+
+def upsample_heat(patch_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Min-max normalise the patch-distance map and upsample it (bicubic) to HxW."""
+    m = patch_map.astype(np.float32)
+    m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+    return cv2.resize(m, (width, height), interpolation=cv2.INTER_CUBIC)  # cv2 takes (w, h)
+
+
+def change_score(heat: np.ndarray, top_share: float = TOP_SHARE) -> float:
+    flat = heat.ravel()
+    k = max(1, int(round(top_share * flat.size)))
+    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
+
+
+def box_pixel_bounds(boxes_px: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Integer slice bounds [x1, y1, x2, y2] of pixel boxes, clipped to the image: the
+    region is heat[y1:y2, x1:x2] with edges floored (see `pixels.pixel_floor`)."""
+    b = np.asarray(boxes_px, np.float64).reshape(-1, 4)
+    return np.stack([pixel_floor(b[:, 0], 0, width), pixel_floor(b[:, 1], 0, height),
+                     pixel_floor(b[:, 2], 0, width), pixel_floor(b[:, 3], 0, height)], -1)
+
+
+def hot_share(heat: np.ndarray, boxes_px: np.ndarray, heat_th: float) -> np.ndarray:
+    """Share of each box's pixels with heat >= heat_th (0 for empty boxes), via an
+    integral image: O(H*W + boxes) instead of a slice per box."""
+    h, w = heat.shape
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = (heat >= heat_th).cumsum(0).cumsum(1)
+    x1, y1, x2, y2 = box_pixel_bounds(boxes_px, h, w).T
+    area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    hot = integral[y2, x2] - integral[y1, x2] - integral[y2, x1] + integral[y1, x1]
+    return np.where(area > 0, hot / np.maximum(area, 1), 0.0)
+
+
+def fuse_scores(scores: np.ndarray, share: np.ndarray, heat_lambda: float) -> np.ndarray:
+    """s' = s * (1 + lambda * share of the box that is hot)."""
+    return scores * (1.0 + heat_lambda * share)

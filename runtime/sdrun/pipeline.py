@@ -1,0 +1,277 @@
+"""The whole spot-the-difference pipeline over a bundle, without PyTorch.
+
+    pipe = Pipeline.load("engines/tiny")
+    result = pipe.diff("a.png", "b.png")          # or arrays
+    for result in pipe.run(pairs, batch_pairs=4):  # (id, a, b) triples
+        ...
+
+Each stage is a small function in its own module (preprocess, detect, fusion,
+heatmap, matching); this class batches the model calls: one detector call per
+batch runs [a, flip(a), b, flip(b)] for every pair, one Siamese call all pairs,
+one CLIP call every kept crop. Safe to call from several threads at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import detect, heatmap, preprocess
+from .bundle import Bundle
+from .fusion import weighted_boxes_fusion
+from .images import ImageError, as_rgb, load_image
+from .matching import match_objects
+from .session import OnnxModel
+
+VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
+CLIP_CHUNK = 64
+
+
+@dataclass
+class Detections:
+    """Objects of one image: boxes x1y1x2y2 normalised to the image, scores, label indices."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+@dataclass
+class PairResult:
+    pair_id: str | None
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    objects: list[dict] = field(default_factory=list)
+    change_score: float = 0.0
+    change_logit: float = 0.0
+    image_sizes: list[list[int]] = field(default_factory=list)  # [[h, w], [h, w]]
+    heatmaps: tuple | None = field(default=None, repr=False)  # per image, HxW float32
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        """Everything but the heatmaps, as plain JSON values."""
+        return {"img_id": self.pair_id, "added": self.added, "removed": self.removed,
+                "changed": self.changed, "change_score": round(self.change_score, 6),
+                "change_logit": round(self.change_logit, 6), "image_sizes": self.image_sizes,
+                "objects": self.objects, "error": self.error}
+
+
+def _image(x) -> np.ndarray:
+    return load_image(x) if isinstance(x, (str, Path)) else as_rgb(x)
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, provider: str = "cpu", params: dict | None = None,
+                 threads: int | None = None):
+        self.bundle = bundle
+        self.labels = bundle.vocabulary
+        self.params = {**bundle.params, **(params or {})}
+        b = bundle
+
+        def session(model, graph):
+            return OnnxModel(b.path(b.model(model)["graphs"][graph]["file"]), provider, threads)
+
+        owl = b.model("owlvit")
+        self.owl_facts = owl["preprocess"]
+        self.owl_image = session("owlvit", "image")
+        self.owl_queries = detect.normalize_queries(b.array(owl["query_embeds_file"]).astype(np.float32))
+        self.owl_prompt_labels = b.array(owl["prompt_labels_file"])
+        self.gdino = None
+        if b.has("gdino"):
+            gd = b.model("gdino")
+            self.gdino = session("gdino", "model")
+            self.gd_facts = gd["preprocess"]
+            self.gd_size = tuple(gd["image_size"])
+            self.gd_text = {k: b.array(gd[f"{k}_file"]).astype(np.int64)
+                            for k in ("input_ids", "attention_mask", "token_type_ids")}
+            self.gd_token_labels = b.array(gd["token_labels_file"])
+        sm = b.model("siamese")
+        self.siamese, self.siamese_facts = session("siamese", "pair"), sm["preprocess"]
+        cl = b.model("clip")
+        self.clip, self.clip_facts = session("clip", "visual"), cl["preprocess"]
+
+    @classmethod
+    def load(cls, bundle: str | Path | Bundle, provider: str = "cpu", params: dict | None = None,
+             threads: int | None = None) -> "Pipeline":
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.load(bundle)
+        return cls(bundle, provider=provider, params=params, threads=threads)
+
+    # ---- stages -------------------------------------------------------------------
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Fused TTA: each image and its mirror image through every detector, in one call
+        per detector; then Weighted Boxes Fusion per image over (views x detectors)."""
+        views = [v for im in images for v in (im, preprocess.hflip(im))]
+        per_view = [self._owlvit(views)]
+        if self.gdino is not None:
+            per_view.append(self._gdino(views))
+        p = self.params
+        out = []
+        for i in range(len(images)):
+            lists = []
+            for dets in per_view:
+                plain, flipped = dets[2 * i], dets[2 * i + 1]
+                lists += [plain, Detections(detect.unflip(flipped.boxes), flipped.scores, flipped.labels)]
+            out.append(self._wbf(lists, p["wbf_iou_thr"], p["wbf_skip_box_thr"]))
+        return out
+
+    def _owlvit(self, views) -> list[Detections]:
+        o = self.owl_image.run({"pixel_values": preprocess.owlvit_pixels(views, self.owl_facts)})
+        thr = self.params["owlvit_score_thr"]
+        return [Detections(*detect.owlvit_detections(
+            o["pred_boxes"][k], o["class_embeds"][k], o["logit_shift"][k], o["logit_scale"][k],
+            self.owl_queries, self.owl_prompt_labels, thr)) for k in range(len(views))]
+
+    def _gdino(self, views) -> list[Detections]:
+        pixels, mask = preprocess.gdino_pixels(views, self.gd_facts, self.gd_size)
+        n = len(views)
+        feeds = {"pixel_values": pixels, "pixel_mask": mask,
+                 **{k: np.repeat(v, n, axis=0) for k, v in self.gd_text.items()}}
+        o = self.gdino.run(feeds)
+        thr = self.params["gdino_box_thr"]
+        return [Detections(*detect.gdino_detections(o["logits"][k], o["pred_boxes"][k],
+                                                    self.gd_token_labels, len(self.labels), thr))
+                for k in range(n)]
+
+    @staticmethod
+    def _wbf(lists: list[Detections], iou_thr: float, skip_box_thr: float) -> Detections:
+        if not any(len(d.scores) for d in lists):
+            return Detections.empty()
+        # Clip as ensemble-boxes would (same result), without its warning per box.
+        boxes, scores, labels = weighted_boxes_fusion(
+            [np.clip(d.boxes, 0.0, 1.0) for d in lists], [d.scores for d in lists], [d.labels for d in lists],
+            iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type="avg")
+        # float64 as WBF returns them: box edges are truncated to pixel indices later, and
+        # a float32 round trip moves an edge across an integer often enough to matter.
+        return Detections(boxes, scores, labels.astype(np.int64))
+
+    def change_maps(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]):
+        """Siamese ViT on every pair in one call: (patch maps [N,gh,gw], change logits [N])."""
+        x = preprocess.siamese_pixels([a for a, _ in pairs], [b for _, b in pairs], self.siamese_facts)
+        o = self.siamese.run({"pairs": x})
+        return o["heat"], o["logit"]
+
+    def embed_crops(self, images: Sequence[np.ndarray], boxes_px: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """CLIP embeddings of every box of every image, in as few calls as possible."""
+        crops = [preprocess.clip_crops(im, b, self.clip_facts) for im, b in zip(images, boxes_px)]
+        counts = [len(c) for c in crops]
+        if not sum(counts):
+            return [np.zeros((0, 0), np.float32) for _ in images]
+        batch = np.concatenate(crops)
+        embeds = np.concatenate([self.clip.run({"crops": batch[i:i + CLIP_CHUNK]})["embeds"]
+                                 for i in range(0, len(batch), CLIP_CHUNK)])
+        return np.split(embeds, np.cumsum(counts)[:-1])
+
+    # ---- whole pairs -------------------------------------------------------------
+    def diff(self, a, b, pair_id: str | None = None) -> PairResult:
+        """One pair (paths or arrays). Raises ImageError for an unreadable image."""
+        return self.diff_batch([(pair_id, a, b)])[0]
+
+    def diff_batch(self, pairs: Sequence[tuple]) -> list[PairResult]:
+        """Several (id, a, b) pairs through every stage together (one call per model)."""
+        images = [(_image(a), _image(b)) for _, a, b in pairs]
+        dets = self.detect([im for pair in images for im in pair])
+        patch_maps, logits = self.change_maps(images)
+        p = self.params
+        kept_all, px_all, prepared = [], [], []
+        for n, (a, b) in enumerate(images):
+            per_image = []
+            for k, im in enumerate((a, b)):
+                h, w = im.shape[:2]
+                d = dets[2 * n + k]
+                heat = heatmap.upsample_heat(patch_maps[n], h, w)
+                boxes_px = d.boxes * np.array([w, h, w, h], np.float64)
+                share = heatmap.hot_share(heat, boxes_px, p["heat_th"])
+                fused = heatmap.fuse_scores(d.scores, share, p["heat_lambda"])
+                keep = fused >= p["det_thr"]
+                per_image.append((heat, d, boxes_px, share, fused, keep))
+                kept_all.append(im)
+                px_all.append(boxes_px[keep])
+            prepared.append(per_image)
+        embeds = self.embed_crops(kept_all, px_all)
+        results = []
+        for n, ((pair_id, _, _), (a, b), per_image) in enumerate(zip(pairs, images, prepared)):
+            results.append(self._finish(pair_id, (a, b), per_image, embeds[2 * n:2 * n + 2],
+                                        float(logits[n])))
+        return results
+
+    def _finish(self, pair_id, images, per_image, embeds, logit) -> PairResult:
+        p = self.params
+        objs = []
+        for (heat, d, boxes_px, share, fused, keep), emb in zip(per_image, embeds):
+            idx = np.flatnonzero(keep)
+            objs.append((d.boxes[idx], d.labels[idx], emb, boxes_px[idx], d.scores[idx],
+                         fused[idx], share[idx]))
+        (na, la, ea, pa, sa, fa, ha), (nb, lb, eb, pb, sb, fb, hb) = objs
+        m = match_objects(na, la, ea, nb, lb, eb, alpha=p["alpha"], iou_thr=p["iou_thr"])
+        status_a = {i: "removed" for i in m.removed}
+        status_b = {j: "added" for j in m.added}
+        partner_a, partner_b = {}, {}
+        changed = set(m.changed)
+        for i, j in m.pairs:
+            status_a[i] = status_b[j] = "changed" if (i, j) in changed else "matched"
+            partner_a[i], partner_b[j] = j, i
+        objects = []
+        for image_no, (labels, boxes, scores, fused, share, status, partner) in enumerate(
+                ((la, pa, sa, fa, ha, status_a, partner_a), (lb, pb, sb, fb, hb, status_b, partner_b)), 1):
+            for k in range(len(labels)):
+                objects.append({"image": image_no, "index": k, "label": self.labels[int(labels[k])],
+                                "box": [round(float(v), 3) for v in boxes[k]],
+                                "score": round(float(scores[k]), 6),
+                                "fused_score": round(float(fused[k]), 6),
+                                "hot_share": round(float(share[k]), 6),
+                                "status": status[k], "partner": partner.get(k)})
+        heat_b = per_image[1][0]
+        return PairResult(
+            pair_id=pair_id,
+            added=sorted({self.labels[int(lb[j])] for j in m.added}),
+            removed=sorted({self.labels[int(la[i])] for i in m.removed}),
+            changed=sorted({self.labels[int(la[i])] for i, _ in m.changed}),
+            objects=objects, change_score=heatmap.change_score(heat_b), change_logit=logit,
+            image_sizes=[list(im.shape[:2]) for im in images],
+            heatmaps=(per_image[0][0], heat_b))
+
+    def run(self, pairs: Iterable[tuple], batch_pairs: int = 1) -> Iterator[PairResult]:
+        """(id, a, b) triples -> results in order. A pair whose images cannot be read gives
+        a result with `error` set; the others go on."""
+        batch: list[tuple] = []
+        for item in pairs:
+            batch.append(item)
+            if len(batch) >= batch_pairs:
+                yield from self._run_batch(batch)
+                batch = []
+        if batch:
+            yield from self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple]) -> list[PairResult]:
+        loaded, results = [], {}
+        for k, (pair_id, a, b) in enumerate(batch):
+            try:
+                loaded.append((k, (pair_id, _image(a), _image(b))))
+            except (ImageError, ValueError) as e:
+                results[k] = PairResult(pair_id=pair_id, error=str(e))
+        if loaded:
+            try:
+                batch_results = self.diff_batch([p for _, p in loaded])
+            except Exception:  # noqa: BLE001 - isolate the pair that breaks the batch
+                batch_results = [self._diff_or_error(p) for _, p in loaded]
+            for (k, _), r in zip(loaded, batch_results):
+                results[k] = r
+        return [results[k] for k in range(len(batch))]
+
+    def _diff_or_error(self, pair: tuple) -> PairResult:
+        try:
+            return self.diff_batch([pair])[0]
+        except Exception as e:  # noqa: BLE001
+            return PairResult(pair_id=pair[0], error=f"{type(e).__name__}: {e}")

@@ -1,0 +1,58 @@
+"""Pictures of a result: both images side by side, kept boxes coloured by status,
+the change heatmap blended in."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .images import as_rgb, load_image
+
+COLOURS = {  # RGB
+    "added": (40, 200, 60),
+    "removed": (230, 40, 40),
+    "changed": (250, 210, 30),
+    "matched": (150, 150, 150),
+}
+HEAT_ALPHA = 0.35
+
+
+def render_pair(a: np.ndarray, b: np.ndarray, result, heat_alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """RGB uint8 picture: image 1 | image 2, heatmap overlaid, boxes and labels drawn."""
+    panels = []
+    for image_no, img in ((1, as_rgb(a)), (2, as_rgb(b))):
+        panel = img.copy()
+        if result.heatmaps is not None:
+            heat = np.clip(result.heatmaps[image_no - 1], 0, 1)
+            coloured = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+            panel = cv2.addWeighted(panel, 1 - heat_alpha, coloured, heat_alpha, 0)
+        scale = max(1, round(max(panel.shape[:2]) / 400))
+        for obj in result.objects:
+            if obj["image"] != image_no:
+                continue
+            x1, y1, x2, y2 = (int(round(v)) for v in obj["box"])
+            colour = COLOURS[obj["status"]]
+            cv2.rectangle(panel, (x1, y1), (x2, y2), colour, scale)
+            text = f"{obj['label']} {obj['fused_score']:.2f}"
+            cv2.putText(panel, text, (x1 + 2, max(10, y1 + 10 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.3 * scale, colour, 1, cv2.LINE_AA)
+        panels.append(panel)
+    h = max(p.shape[0] for p in panels)
+    gap = np.full((h, 6, 3), 255, np.uint8)
+    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
+    canvas = np.concatenate([padded[0], gap, padded[1]], axis=1)
+    caption = (f"added: {' '.join(result.added) or 'none'} | removed: {' '.join(result.removed) or 'none'}"
+               f" | changed: {' '.join(result.changed) or 'none'} | change {result.change_score:.2f}")
+    bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, caption[:200], (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([canvas, bar], axis=0)
+
+
+def save_pair_viz(path: str | Path, a, b, result) -> Path:
+    a = load_image(a) if isinstance(a, (str, Path)) else a
+    b = load_image(b) if isinstance(b, (str, Path)) else b
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), render_pair(a, b, result)[..., ::-1])
+    return path
