@@ -112,3 +112,12 @@ def image_like(height: int, width: int, seed: int) -> np.ndarray:
         img[y0:y0 + h, x0:x0 + w] = rng.integers(0, 256, 3)
     img += rng.normal(0, 4, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def pil_pass_order() -> str:
+    """How this Pillow orders its two resize passes (the runtime must do the same):
+    Pillow >= 13 may go vertical first ("pillow13"), older ones always go horizontal
+    first ("hv")."""
+    import PIL
+
+    return "pillow13" if int(PIL.__version__.split(".")[0]) >= 13 else "hv"

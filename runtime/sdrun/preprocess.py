@@ -381,6 +381,11 @@ def _to_chw_hf(img: np.ndarray, facts: dict, model: str) -> np.ndarray:
 
 # ---- facts -----------------------------------------------------------------------------
 
+def _pil_order(facts: dict) -> str | None:
+    """The bundle's Pillow pass order: "hv" for Pillow <= 12, else Pillow 13's own rule."""
+    return "hv" if facts.get("pil_pass_order") == "hv" else None
+
+
 def _mode(value, model: str) -> str:
     name = _RESAMPLE_IDS.get(value, value) if isinstance(value, int) else value
     name = str(name).lower().rsplit(".", 1)[-1]
@@ -501,7 +506,7 @@ def siamese_image(image: np.ndarray, facts: dict) -> np.ndarray:
     else:
         raise BundleError(f"{model} preprocess: crop_mode {crop_mode!r} with input size {crop} "
                           "is not supported by sdrun (center with a square size, or squash)")
-    img = resize_center_crop(img, resized, crop, mode, weights="pil")
+    img = resize_center_crop(img, resized, crop, mode, weights="pil", order=_pil_order(facts))
     return _to_chw_tensor_style(img, _triple(facts, "mean", model), _triple(facts, "std", model))
 
 
@@ -535,9 +540,9 @@ def clip_image(image: np.ndarray, facts: dict) -> np.ndarray:
         resized = _hw(resize, "resize", model)
     if "crop_size" in facts:
         crop = _hw(facts["crop_size"], "crop_size", model)
-        img = resize_center_crop(img, resized, crop, mode, weights="pil")
+        img = resize_center_crop(img, resized, crop, mode, weights="pil", order=_pil_order(facts))
     else:
-        img = resize_uint8(img, resized, mode, weights="pil")
+        img = resize_uint8(img, resized, mode, weights="pil", order=_pil_order(facts))
     return _to_chw_tensor_style(img, _triple(facts, "image_mean", model),
                                 _triple(facts, "image_std", model))
 

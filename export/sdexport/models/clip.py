@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import BuildContext, export_onnx, image_like, jsonable, seed_torch, to_numpy
+from ..context import (BuildContext, export_onnx, image_like, jsonable, pil_pass_order, seed_torch,
+                       to_numpy)
 from ..sources import Source
 from ..writer import BundleWriter, GoldenRecorder
 
@@ -104,6 +105,7 @@ def preprocess_facts(model, transform) -> dict:
         elif name == "Normalize":
             facts.update(image_mean=list(t.mean), image_std=list(t.std))
     facts["image_size"] = list(_pair(model.visual.image_size))
+    facts["pil_pass_order"] = pil_pass_order()
     return jsonable(facts)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..context import BuildContext, export_onnx, image_like, jsonable, seed_torch, to_numpy
+from ..context import (BuildContext, export_onnx, image_like, jsonable, pil_pass_order, seed_torch,
+                       to_numpy)
 from ..sources import Source, SourceError
 from ..writer import BundleWriter, GoldenRecorder
 
@@ -124,8 +125,9 @@ def save_local(model: SiameseViTChange, folder: Path):
 
 
 def preprocess_facts(data_cfg: dict) -> dict:
-    return jsonable({k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std",
-                                               "crop_pct", "crop_mode") if k in data_cfg})
+    facts = {k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std",
+                                      "crop_pct", "crop_mode") if k in data_cfg}
+    return jsonable({**facts, "pil_pass_order": pil_pass_order()})
 
 
 def timm_transform(data_cfg: dict):
