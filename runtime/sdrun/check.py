@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .bundle import Bundle
-from .session import OnnxModel
+from .session import open_graph
 
 DEFAULT_REL_L2 = 1e-5
 
@@ -100,7 +100,7 @@ def check_bundle(bundle: Bundle, provider: str = "cpu", models: list[str] | None
         for (case, graph), io in sorted(golden_cases(golden).items()):
             gentry = entry["graphs"][graph]
             if graph not in sessions:
-                sessions[graph] = OnnxModel(bundle.path(gentry["file"]), provider=provider)
+                sessions[graph] = open_graph(bundle, name, graph, provider=provider)
             outs = sessions[graph].run(io["in"])
             note = ""
             slots = gentry.get("slot_outputs")

@@ -223,5 +223,9 @@ def synth(out, n_pairs, seed, size):
     click.echo(f"{n_pairs} pairs -> {labels.parent / 'data'}, labels in {labels}")
 
 
+from . import cli_eval  # noqa: E402  score, eval, tune
+
+cli_eval.register(main)
+
 if __name__ == "__main__":
     main()

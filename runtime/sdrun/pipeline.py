@@ -23,7 +23,7 @@ from .bundle import Bundle
 from .fusion import weighted_boxes_fusion
 from .images import ImageError, as_rgb, load_image
 from .matching import match_objects
-from .session import OnnxModel
+from .session import open_graph
 
 VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
 CLIP_CHUNK = 64
@@ -80,7 +80,7 @@ class Pipeline:
         b = bundle
 
         def session(model, graph):
-            return OnnxModel(b.path(b.model(model)["graphs"][graph]["file"]), provider, threads)
+            return open_graph(b, model, graph, provider=provider, threads=threads)
 
         owl = b.model("owlvit")
         self.owl_facts = owl["preprocess"]

@@ -71,3 +71,9 @@ class OnnxModel:
         names = self.output_names
         outs = self.session.run(names, {k: feeds[k] for k in self.input_names})
         return dict(zip(names, outs))
+
+
+def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
+               threads: int | None = None) -> OnnxModel:
+    """The runnable form of one graph of a bundle for this provider."""
+    return OnnxModel(bundle.path(bundle.model(model)["graphs"][graph]["file"]), provider, threads)
