@@ -148,3 +148,42 @@ class Bundle:
     @property
     def params(self) -> dict[str, Any]:
         return self.json(self.manifest["params_file"])
+
+
+def write_params(root: str | Path, params: dict[str, Any], backup: bool = True) -> Path:
+    """Replace a bundle's parameters file (the one `params_file` names) with `params` and
+    update its sha256 and size in manifest.json, so that `Bundle.load` still verifies.
+
+    Both files are written to temporary files first and moved into place with
+    `os.replace` (params file first, then the manifest), so neither is ever half
+    written. With `backup`, the previous parameters are kept in `<params file>.bak`
+    (not listed in the manifest): if the process dies between the two moves, the
+    manifest still describes the old file and `cp params.json.bak params.json`
+    restores a bundle that loads. Returns the path of the parameters file."""
+    import os
+
+    root = Path(root)
+    mpath = root / MANIFEST
+    manifest = Bundle.load(root, verify=False).manifest
+    rel = manifest.get("params_file")
+    if not rel or rel not in manifest["files"]:
+        raise BundleError(f"{mpath}: no params_file listed in 'files'")
+    path = resolve_inside(root, rel)
+    try:  # standard JSON only: NaN and infinities are refused (use null for "off")
+        data = (json.dumps(params, indent=2, allow_nan=False) + "\n").encode()
+    except ValueError as e:
+        raise BundleError(f"{path}: parameters must be finite numbers, strings or null ({e})") from None
+    if backup and path.exists():
+        bak = path.with_name(path.name + ".bak")
+        tmp = bak.with_name(f".{bak.name}.tmp")
+        tmp.write_bytes(path.read_bytes())
+        os.replace(tmp, bak)
+    manifest["files"][rel] = {**manifest["files"][rel], "sha256": hashlib.sha256(data).hexdigest(),
+                              "bytes": len(data)}
+    mtext = json.dumps(manifest, indent=2) + "\n"
+    ptmp, mtmp = path.with_name(f".{path.name}.tmp"), mpath.with_name(f".{MANIFEST}.tmp")
+    ptmp.write_bytes(data)
+    mtmp.write_text(mtext)
+    os.replace(ptmp, path)
+    os.replace(mtmp, mpath)
+    return path

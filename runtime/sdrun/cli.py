@@ -32,7 +32,10 @@ def main():
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32"]),
+              help="cpu or cuda (onnxruntime graphs), or tensorrt: the bundle's engines for this "
+                   "GPU, each against its own recorded tolerance.")
 @click.option("--model", "models", multiple=True, help="Check only this model (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON lines.")
 def check(bundle, provider, models, as_json):
@@ -88,6 +91,15 @@ def info(bundle, as_json):
             click.echo(f"  {g:6} {ge['file']} ({size:.1f} MB)\n         in: {ins}\n         out: {outs}")
         if "preprocess" in e:
             click.echo(f"  preprocess {json.dumps(e['preprocess'])}")
+    for key, eng in m.get("engines", {}).items():
+        graphs = eng.get("graphs", {})
+        ok = sum(1 for g in graphs.values() if g.get("check", {}).get("ok"))
+        click.echo(f"\n[engines {key}] {eng.get('gpu_name', '')}, {ok}/{len(graphs)} graphs passed "
+                   f"their check (rel_l2 <= {eng.get('tolerance', {}).get('rel_l2')})")
+        for name, g in graphs.items():
+            state = "FAILED: " + g["failed"] if "failed" in g else g.get("file", "")
+            pinned = f", fp32-pinned: {', '.join(g['pinned_fp32'])}" if g.get("pinned_fp32") else ""
+            click.echo(f"  {name:14} {state}{pinned}")
     click.echo(f"\nparameters  {json.dumps(b.params)}")
     total = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files       {len(m['files'])}, {total / 1e6:.1f} MB")
@@ -99,15 +111,45 @@ def _params(values: tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. det_thr=0.3")
+        key = key.strip()
+        if key == "none_gate_signal":
+            from .pipeline import GATE_SIGNALS
+
+            if value.strip() not in GATE_SIGNALS:
+                raise click.BadParameter(f"{item!r}: none_gate_signal is one of "
+                                         f"{', '.join(GATE_SIGNALS)}")
+            out[key] = value.strip()
+            continue
         try:
-            out[key.strip()] = float(value)
+            out[key] = float(value)
         except ValueError:
             raise click.BadParameter(f"{item!r}: {value!r} is not a number") from None
     return out
 
 
-PROVIDER = click.option("--provider", default="cpu", show_default=True,
-                        help="Execution provider: cpu or cuda.")
+_FALLBACK_KEY = "sdrun.allow_onnx_fallback"
+
+
+def _remember_fallback(ctx, param, value):
+    ctx.meta[_FALLBACK_KEY] = value
+    return value
+
+
+def PROVIDER(f):  # noqa: N802  (used like the other option decorators)
+    """--provider and --allow-onnx-fallback (read by `_pipeline` from the click context)."""
+    f = click.option("--allow-onnx-fallback", is_flag=True, expose_value=False,
+                     callback=_remember_fallback,
+                     help="With --provider tensorrt: when the bundle has no engine for this "
+                          "GPU/TensorRT, run the ONNX graph with onnxruntime CUDA on the same "
+                          "GPU (with a warning) instead of failing.")(f)
+    return click.option("--provider", default="cpu", show_default=True,
+                        type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt:fp16",
+                                           "tensorrt:fp32"]),
+                        help="cpu or cuda (onnxruntime), or tensorrt: the bundle's engines for "
+                             "this GPU (fp16 preferred; tensorrt:fp32 for fp32 engines). A GPU "
+                             "provider that is absent is an error, never a CPU run.")(f)
+
+
 THREADS = click.option("--threads", type=int, default=None,
                        help="onnxruntime intra-op threads (default: one per core).")
 PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
@@ -117,11 +159,17 @@ PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
 def _pipeline(bundle, provider, threads, params):
     from .pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=_params(params))
-    unknown = set(_params(params)) - set(pipe.bundle.params)
+    ctx = click.get_current_context(silent=True)
+    fallback = bool(ctx and ctx.meta.get(_FALLBACK_KEY))
+    pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=_params(params),
+                         allow_onnx_fallback=fallback)
+    from .pipeline import POST_DEFAULTS
+
+    known = set(pipe.bundle.params) | set(POST_DEFAULTS)
+    unknown = set(_params(params)) - known
     if unknown:
-        raise click.BadParameter(f"unknown parameter(s) {', '.join(sorted(unknown))}; the bundle "
-                                 f"has {', '.join(sorted(pipe.bundle.params))}")
+        raise click.BadParameter(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: "
+                                 f"{', '.join(sorted(known))}")
     return pipe
 
 

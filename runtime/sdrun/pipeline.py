@@ -9,9 +9,17 @@ Each stage is a small function in its own module (preprocess, detect, fusion,
 heatmap, matching); this class batches the model calls: one detector call per
 batch runs [a, flip(a), b, flip(b)] for every pair, one Siamese call all pairs,
 one CLIP call every kept crop. Safe to call from several threads at once.
+
+Two phases: `model_outputs(pairs)` runs the models and returns, per pair, what they
+said (`PairOutputs`: detections after WBF, the Siamese patch map and change logit,
+CLIP embeddings of candidate boxes); `finish(outputs, params)` does everything after
+the models (score fusion, threshold, matching, label sets, the optional "none" gates)
+in numpy. `diff_batch(pairs)` is `finish` over `model_outputs`, so a cached
+`PairOutputs` (sdrun.cache) gives exactly the answer the models would.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -27,6 +35,13 @@ from .session import open_graph
 
 VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
 CLIP_CHUNK = 64
+COLUMNS = ("added", "removed", "changed")
+GATE_SIGNALS = ("change_score", "change_logit")
+# Post-model parameters that bundles built before the "none" gates lack. A gate
+# `none_gate_<column>` is a threshold on the pair's `none_gate_signal`: below it, that
+# column says nothing. None (or -inf) is off, so these defaults change no result.
+POST_DEFAULTS = {"none_gate_signal": "change_score", "none_gate_added": None,
+                 "none_gate_removed": None, "none_gate_changed": None}
 
 
 @dataclass
@@ -40,6 +55,40 @@ class Detections:
     @classmethod
     def empty(cls) -> "Detections":
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+@dataclass
+class PairOutputs:
+    """What the models said about one pair: all `Pipeline.finish` needs to give its result.
+
+    `detections` are per image after WBF (boxes normalised x1y1x2y2 float64, as WBF
+    returns them). `embeds[k]` holds CLIP embeddings of the candidate boxes
+    `embedded[k]` (sorted indices into `detections[k]`): every candidate when made with
+    `embed="all"` (what the cache stores), only the kept ones for `embed="kept"`.
+    `views` optionally keeps every view's decoded detections before WBF
+    ("1/owlvit/plain", "1/owlvit/flip", ...; flipped boxes already mirrored back)."""
+
+    pair_id: str | None
+    image_sizes: list[list[int]]  # [[h, w], [h, w]]
+    detections: tuple[Detections, Detections]
+    patch_map: np.ndarray  # Siamese patch-distance map [gh, gw] float32
+    change_logit: float
+    embeds: tuple[np.ndarray, np.ndarray]
+    embedded: tuple[np.ndarray, np.ndarray]
+    views: list[tuple[str, Detections]] = field(default_factory=list)
+    model_seconds: float = 0.0  # detectors + Siamese (+ CLIP) time, this pair's share of its batch
+    clip_seconds: float = 0.0  # of which CLIP
+    heats: tuple | None = field(default=None, repr=False, compare=False)  # upsampled heat, transient
+
+    def heatmaps(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.heats is None:
+            self.heats = tuple(heatmap.upsample_heat(self.patch_map, h, w) for h, w in self.image_sizes)
+        return self.heats
+
+    @property
+    def embeds_all(self) -> bool:
+        """True when every candidate box of both images has its embedding."""
+        return all(len(i) == len(d.scores) for i, d in zip(self.embedded, self.detections))
 
 
 @dataclass
@@ -73,14 +122,16 @@ def _image(x) -> np.ndarray:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, provider: str = "cpu", params: dict | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, allow_onnx_fallback: bool = False):
         self.bundle = bundle
+        self.provider = provider
         self.labels = bundle.vocabulary
         self.params = {**bundle.params, **(params or {})}
         b = bundle
 
         def session(model, graph):
-            return open_graph(b, model, graph, provider=provider, threads=threads)
+            return open_graph(b, model, graph, provider=provider, threads=threads,
+                              allow_onnx_fallback=allow_onnx_fallback, group=self)
 
         owl = b.model("owlvit")
         self.owl_facts = owl["preprocess"]
@@ -103,28 +154,35 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle: str | Path | Bundle, provider: str = "cpu", params: dict | None = None,
-             threads: int | None = None) -> "Pipeline":
+             threads: int | None = None, allow_onnx_fallback: bool = False) -> "Pipeline":
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
-        return cls(bundle, provider=provider, params=params, threads=threads)
+        return cls(bundle, provider=provider, params=params, threads=threads,
+                   allow_onnx_fallback=allow_onnx_fallback)
 
     # ---- stages -------------------------------------------------------------------
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Fused TTA: each image and its mirror image through every detector, in one call
         per detector; then Weighted Boxes Fusion per image over (views x detectors)."""
+        return self._detect(images)[0]
+
+    def _detect(self, images: Sequence[np.ndarray]) -> tuple[list[Detections], list[list[tuple[str, Detections]]]]:
+        """(fused detections per image, per image the decoded detections of every view)."""
         views = [v for im in images for v in (im, preprocess.hflip(im))]
-        per_view = [self._owlvit(views)]
+        per_view = [("owlvit", self._owlvit(views))]
         if self.gdino is not None:
-            per_view.append(self._gdino(views))
+            per_view.append(("gdino", self._gdino(views)))
         p = self.params
-        out = []
+        out, named = [], []
         for i in range(len(images)):
-            lists = []
-            for dets in per_view:
+            lists, names = [], []
+            for name, dets in per_view:
                 plain, flipped = dets[2 * i], dets[2 * i + 1]
                 lists += [plain, Detections(detect.unflip(flipped.boxes), flipped.scores, flipped.labels)]
+                names += [f"{i % 2 + 1}/{name}/plain", f"{i % 2 + 1}/{name}/flip"]
             out.append(self._wbf(lists, p["wbf_iou_thr"], p["wbf_skip_box_thr"]))
-        return out
+            named.append(list(zip(names, lists)))
+        return out, named
 
     def _owlvit(self, views) -> list[Detections]:
         o = self.owl_image.run({"pixel_values": preprocess.owlvit_pixels(views, self.owl_facts)})
@@ -180,37 +238,75 @@ class Pipeline:
 
     def diff_batch(self, pairs: Sequence[tuple]) -> list[PairResult]:
         """Several (id, a, b) pairs through every stage together (one call per model)."""
+        return [self.finish(o) for o in self.model_outputs(pairs)]
+
+    def model_outputs(self, pairs: Sequence[tuple], embed: str = "kept",
+                      params: dict | None = None) -> list[PairOutputs]:
+        """The model phase for several (id, a, b) pairs: one call per model for them all.
+
+        embed="kept" embeds only the boxes that `params` (default: the pipeline's) keep,
+        which is what `diff` needs; embed="all" embeds every candidate box of both
+        images, so that `finish` works for any parameters (what the cache stores; it
+        costs a CLIP crop per candidate, typically several times the kept ones).
+        An embedding does not depend on which other crops share its CLIP batch
+        (tests/test_score.py checks this bit for bit)."""
+        if embed not in ("kept", "all"):
+            raise ValueError(f"embed must be 'kept' or 'all', not {embed!r}")
+        t0 = time.perf_counter()
         images = [(_image(a), _image(b)) for _, a, b in pairs]
-        dets = self.detect([im for pair in images for im in pair])
+        dets, views = self._detect([im for pair in images for im in pair])
         patch_maps, logits = self.change_maps(images)
-        p = self.params
-        kept_all, px_all, prepared = [], [], []
+        p = self._merged(params)
+        heats, chosen, ims, px = [], [], [], []
         for n, (a, b) in enumerate(images):
-            per_image = []
+            pair_heats = []
             for k, im in enumerate((a, b)):
                 h, w = im.shape[:2]
                 d = dets[2 * n + k]
                 heat = heatmap.upsample_heat(patch_maps[n], h, w)
+                pair_heats.append(heat)
                 boxes_px = d.boxes * np.array([w, h, w, h], np.float64)
-                share = heatmap.hot_share(heat, boxes_px, p["heat_th"])
-                fused = heatmap.fuse_scores(d.scores, share, p["heat_lambda"])
-                keep = fused >= p["det_thr"]
-                per_image.append((heat, d, boxes_px, share, fused, keep))
-                kept_all.append(im)
-                px_all.append(boxes_px[keep])
-            prepared.append(per_image)
-        embeds = self.embed_crops(kept_all, px_all)
-        results = []
-        for n, ((pair_id, _, _), (a, b), per_image) in enumerate(zip(pairs, images, prepared)):
-            results.append(self._finish(pair_id, (a, b), per_image, embeds[2 * n:2 * n + 2],
-                                        float(logits[n])))
-        return results
+                if embed == "all":
+                    idx = np.arange(len(d.scores))
+                else:
+                    idx = np.flatnonzero(self._fused(heat, d, boxes_px, p)[1] >= p["det_thr"])
+                chosen.append(idx)
+                ims.append(im)
+                px.append(boxes_px[idx])
+            heats.append(tuple(pair_heats))
+        t1 = time.perf_counter()
+        embeds = self.embed_crops(ims, px)
+        t2 = time.perf_counter()
+        share, clip_share = (t2 - t0) / max(1, len(pairs)), (t2 - t1) / max(1, len(pairs))
+        return [PairOutputs(
+            pair_id=pair_id, image_sizes=[list(im.shape[:2]) for im in (a, b)],
+            detections=(dets[2 * n], dets[2 * n + 1]), patch_map=patch_maps[n],
+            change_logit=float(logits[n]), embeds=(embeds[2 * n], embeds[2 * n + 1]),
+            embedded=(chosen[2 * n], chosen[2 * n + 1]), views=views[2 * n] + views[2 * n + 1],
+            model_seconds=share, clip_seconds=clip_share, heats=heats[n])
+            for n, ((pair_id, _, _), (a, b)) in enumerate(zip(pairs, images))]
 
-    def _finish(self, pair_id, images, per_image, embeds, logit) -> PairResult:
-        p = self.params
+    def _merged(self, params: dict | None) -> dict:
+        return {**POST_DEFAULTS, **self.params, **(params or {})}
+
+    @staticmethod
+    def _fused(heat, d: Detections, boxes_px, p) -> tuple[np.ndarray, np.ndarray]:
+        """(hot share, fused score) of every candidate box of one image."""
+        share = heatmap.hot_share(heat, boxes_px, p["heat_th"])
+        return share, heatmap.fuse_scores(d.scores, share, p["heat_lambda"])
+
+    def finish(self, outputs: PairOutputs, params: dict | None = None) -> PairResult:
+        """Everything after the models, for one pair: fused scores, kept boxes, matching,
+        label sets, "none" gates. `params` override the pipeline's for this call only.
+        Raises ValueError if a box these parameters keep has no embedding in `outputs`."""
+        p = self._merged(params)
+        heats = outputs.heatmaps()
         objs = []
-        for (heat, d, boxes_px, share, fused, keep), emb in zip(per_image, embeds):
-            idx = np.flatnonzero(keep)
+        for k, ((h, w), heat, d) in enumerate(zip(outputs.image_sizes, heats, outputs.detections)):
+            boxes_px = d.boxes * np.array([w, h, w, h], np.float64)
+            share, fused = self._fused(heat, d, boxes_px, p)
+            idx = np.flatnonzero(fused >= p["det_thr"])
+            emb = self._embeddings_of(outputs, k, idx)
             objs.append((d.boxes[idx], d.labels[idx], emb, boxes_px[idx], d.scores[idx],
                          fused[idx], share[idx]))
         (na, la, ea, pa, sa, fa, ha), (nb, lb, eb, pb, sb, fb, hb) = objs
@@ -232,15 +328,29 @@ class Pipeline:
                                 "fused_score": round(float(fused[k]), 6),
                                 "hot_share": round(float(share[k]), 6),
                                 "status": status[k], "partner": partner.get(k)})
-        heat_b = per_image[1][0]
+        score = heatmap.change_score(heats[1])
+        sets = {"added": sorted({self.labels[int(lb[j])] for j in m.added}),
+                "removed": sorted({self.labels[int(la[i])] for i in m.removed}),
+                "changed": sorted({self.labels[int(la[i])] for i, _ in m.changed})}
+        signal = gate_signal(p, score, outputs.change_logit)
+        for col in COLUMNS:
+            if gated(p.get(f"none_gate_{col}"), signal):
+                sets[col] = []
         return PairResult(
-            pair_id=pair_id,
-            added=sorted({self.labels[int(lb[j])] for j in m.added}),
-            removed=sorted({self.labels[int(la[i])] for i in m.removed}),
-            changed=sorted({self.labels[int(la[i])] for i, _ in m.changed}),
-            objects=objects, change_score=heatmap.change_score(heat_b), change_logit=logit,
-            image_sizes=[list(im.shape[:2]) for im in images],
-            heatmaps=(per_image[0][0], heat_b))
+            pair_id=outputs.pair_id, **sets, objects=objects, change_score=score,
+            change_logit=outputs.change_logit, image_sizes=[list(s) for s in outputs.image_sizes],
+            heatmaps=heats)
+
+    @staticmethod
+    def _embeddings_of(outputs: PairOutputs, k: int, idx: np.ndarray) -> np.ndarray:
+        have, emb = outputs.embedded[k], outputs.embeds[k]
+        if len(have) == len(outputs.detections[k].scores):  # every candidate (arange)
+            return emb[idx]
+        pos = np.searchsorted(have, idx)
+        if len(idx) and (pos.max() >= len(have) or not np.array_equal(have[pos], idx)):
+            raise ValueError(f"pair {outputs.pair_id}: image {k + 1} keeps boxes that were not "
+                             "embedded; make the outputs with model_outputs(..., embed='all')")
+        return emb[pos]
 
     def run(self, pairs: Iterable[tuple], batch_pairs: int = 1) -> Iterator[PairResult]:
         """(id, a, b) triples -> results in order. A pair whose images cannot be read gives
@@ -275,3 +385,16 @@ class Pipeline:
             return self.diff_batch([pair])[0]
         except Exception as e:  # noqa: BLE001
             return PairResult(pair_id=pair[0], error=f"{type(e).__name__}: {e}")
+
+
+def gate_signal(params: dict, change_score: float, change_logit: float) -> float:
+    """The number the "none" gates compare with: the change score or the change logit."""
+    name = params.get("none_gate_signal") or "change_score"
+    if name not in GATE_SIGNALS:
+        raise ValueError(f"none_gate_signal must be one of {', '.join(GATE_SIGNALS)}, not {name!r}")
+    return change_score if name == "change_score" else change_logit
+
+
+def gated(gate, signal: float) -> bool:
+    """True when a column's gate says "none" for this signal (gate None/-inf: never)."""
+    return gate is not None and signal < float(gate)

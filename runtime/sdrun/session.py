@@ -1,4 +1,10 @@
-"""One class that runs an exported graph: onnxruntime behind a small interface."""
+"""Runnable graphs behind one interface: `run(feeds) -> dict`, `input_names`, `output_names`.
+
+Providers: "cpu" (onnxruntime CPU), "cuda" (onnxruntime CUDA), "tensorrt" (the
+bundle's native TensorRT engines for this GPU, `sdrun.trt`; "tensorrt:fp16" /
+"tensorrt:fp32" pick a precision). A GPU provider that is absent is an error,
+never a silent CPU run.
+"""
 from __future__ import annotations
 
 import os
@@ -13,6 +19,7 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
 }
+ALL_PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32")
 
 
 def default_threads() -> int:
@@ -26,14 +33,21 @@ class OnnxModel:
     Sessions are thread-safe for `run` in onnxruntime; creation is lazy and locked.
     """
 
-    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None):
+    check_tolerance = None  # the bundle's own tolerance applies
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None,
+                 device: int = 0):
         self.path = Path(path)
         if provider not in PROVIDERS:
-            raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+            raise ProviderError(f"unknown provider {provider!r} for onnxruntime; choose one of "
+                                f"{', '.join(PROVIDERS)}")
         self.provider = provider
+        self.device = device
         self.threads = default_threads() if threads is None else threads
         self._session = None
         self._lock = threading.Lock()
+        if provider != "cpu":
+            require_ort_provider(provider)  # fail now, not at the first run
 
     @property
     def session(self):
@@ -46,18 +60,25 @@ class OnnxModel:
     def _create(self):
         import onnxruntime as ort
 
-        wanted = PROVIDERS[self.provider]
-        if wanted not in ort.get_available_providers():
-            raise ProviderError(
-                f"provider {self.provider!r} ({wanted}) is not available in this onnxruntime "
-                f"(available: {', '.join(ort.get_available_providers())})")
+        wanted = require_ort_provider(self.provider)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         # No spin-waiting: on shared cores it steals time from everything else.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        return ort.InferenceSession(str(self.path), sess_options=opts, providers=[wanted])
+        providers: list = [wanted]
+        if self.provider == "cuda":
+            # fp32 means fp32: no TF32 matrix products (they break the 1e-5 golden check).
+            providers = [(wanted, {"device_id": self.device, "use_tf32": 0})]
+        session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        if wanted not in session.get_providers():
+            # onnxruntime quietly drops a provider whose libraries fail to load.
+            raise ProviderError(
+                f"{self.path}: onnxruntime could not start {wanted} (it runs with "
+                f"{', '.join(session.get_providers())}); check the CUDA/cuDNN libraries "
+                "onnxruntime-gpu needs")
+        return session
 
     @property
     def input_names(self) -> list[str]:
@@ -73,7 +94,35 @@ class OnnxModel:
         return dict(zip(names, outs))
 
 
+def require_ort_provider(provider: str) -> str:
+    """The onnxruntime provider name for `provider`; ProviderError naming what to install."""
+    import onnxruntime as ort
+
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        hint = " (pip install onnxruntime-gpu, in place of onnxruntime)" if provider == "cuda" else ""
+        raise ProviderError(
+            f"provider {provider!r} needs onnxruntime's {wanted}, which this onnxruntime "
+            f"{ort.__version__} does not have{hint}; available: {', '.join(available)}")
+    return wanted
+
+
 def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
-               threads: int | None = None) -> OnnxModel:
-    """The runnable form of one graph of a bundle for this provider."""
+               threads: int | None = None, *, allow_onnx_fallback: bool = False,
+               group=None):
+    """The runnable form of one graph of a bundle for this provider.
+
+    "tensorrt" opens the bundle's engine for this GPU and TensorRT version (see
+    `sdrun.trt`); when there is none, it is an error unless `allow_onnx_fallback`,
+    which runs the ONNX graph with onnxruntime CUDA on the same GPU (with a warning).
+    Engines opened with the same `group` (e.g. one Pipeline) share one CUDA stream.
+    """
+    if provider not in ALL_PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(ALL_PROVIDERS)}")
+    if provider.startswith("tensorrt"):
+        from .trt import open_engine, parse_provider
+
+        return open_engine(bundle, model, graph, parse_provider(provider)[1],
+                           allow_onnx_fallback=allow_onnx_fallback, group=group, threads=threads)
     return OnnxModel(bundle.path(bundle.model(model)["graphs"][graph]["file"]), provider, threads)
