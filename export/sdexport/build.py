@@ -41,7 +41,14 @@ def resolve_sources(preset: str | None, specs: dict[str, str | None]) -> dict[st
 def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[str],
                  prompt_templates: list[str] | None = None, seed: int = 0,
                  gdino_size: tuple[int, int] = (800, 800), siamese_ckpt: str | None = None,
-                 check: bool = True, log: Callable[[str], None] = print) -> Path:
+                 check: bool = True, log: Callable[[str], None] = print,
+                 precision: str = "fp32") -> Path:
+    """Export every model into the bundle folder `out` and check it against PyTorch.
+
+    precision "int8": every graph is then quantised (`sdexport.quantize`: onnxruntime dynamic
+    quantisation) and checked against the PyTorch fp32 golden outputs with int8 tolerances."""
+    if precision not in ("fp32", "int8"):
+        raise BuildError(f"precision {precision!r}: ONNX bundles are fp32 or int8")
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise BuildError(f"{out} exists and is not a bundle; refusing to overwrite it")
@@ -70,9 +77,15 @@ def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[s
             "prompt_templates": ctx.prompt_templates,
             "models": models,
             "params_file": writer.save_json("params.json", DEFAULT_PARAMS),
+            "precision": "fp32",
             "build": {"seed": seed, "seconds": round(time.perf_counter() - t0, 1),
                       "timings": ctx.timings},
         })
+        if precision == "int8":
+            from .quantize import quantize_bundle_dir
+
+            with ctx.timed("int8 quantisation"):
+                quantize_bundle_dir(staging, log=log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -57,14 +57,24 @@ SOURCE_HELP = ("a hub id (default {default}), a local folder, a preset ({presets
               help="Grounding DINO's fixed canvas, N or HxW (one graph per size).")
 @click.option("--seed", default=0, show_default=True, help="Seed for random presets and golden inputs.")
 @click.option("--no-check", is_flag=True, help="Skip the golden check after building.")
+@click.option("--target", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True,
+              help="trt: then also build TensorRT engines for this GPU (as `sdexport engines`).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="--target onnx: the graphs' precision, fp32 (default) or int8 (onnxruntime "
+                   "dynamic quantisation of every graph, e.g. owlvit/image.int8.onnx, checked "
+                   "against PyTorch fp32 with its own tolerances). --target trt: the engines' "
+                   "precision, fp16 (default) or fp32.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
+              help="With --target trt: pairs per call the engines serve without splitting.")
 def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, prompt_templates,
-          gdino_size, seed, no_check):
+          gdino_size, seed, no_check, target, precision, max_batch):
     """Export the models to ONNX with a manifest and golden samples, then check the bundle.
 
     \b
     Examples:
       sdexport build --preset tiny-random --out engines/tiny
       sdexport build --preset full-random --gdino none --out engines/full-owl
+      sdexport build --preset full-random --precision int8 --out engines/full-int8
       sdexport build --out engines/real --owlvit ./owlvit-folder --gdino none
     """
     from sdrun.vocab import parse_vocabulary
@@ -81,11 +91,75 @@ def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, prompt
             bad = [t for t in templates if "{l}" not in t]
             if bad:
                 raise click.BadParameter(f"template(s) without {{l}}: {bad}")
+        if target == "trt":
+            precision = precision or "fp16"
+            if precision == "int8":
+                raise click.BadParameter("int8 is an ONNX precision (--target onnx); TensorRT "
+                                         "engines are fp16 or fp32", param_hint="--precision")
+        else:
+            precision = precision or "fp32"
+            if precision == "fp16":
+                raise click.BadParameter("fp16 is a TensorRT engine precision (--target trt); "
+                                         "ONNX graphs are fp32 or int8", param_hint="--precision")
+        if target == "trt":
+            from sdrun.trt import cuda_api, gpu_info, import_tensorrt
+
+            import_tensorrt()  # before a long export: TensorRT and a GPU must be there
+            gpu_info(cuda_api())
         build_bundle(out, sources, labels, templates, seed=seed, gdino_size=gdino_size,
-                     siamese_ckpt=siamese_ckpt, check=not no_check, log=click.echo)
+                     siamese_ckpt=siamese_ckpt, check=not no_check, log=click.echo,
+                     precision=precision if target == "onnx" else "fp32")
+        if target == "trt":
+            _engines(out, precision, max_batch, (), False, 8.0, None)
     except (SpotdiffError, ValueError, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True))
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="fp16 engines are checked with rel_l2 <= 1e-2 and rebuilt with LayerNorm, "
+                   "GridSample and deformable attention (then more) pinned to fp32 while they "
+                   "fail; fp32 engines (TF32 off) with rel_l2 <= 1e-4.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
+              help="Pairs per call (sdrun --batch-pairs) the engines serve without splitting: "
+                   "detectors get 4 views per pair, CLIP up to 64 crops.")
+@click.option("--model", "models", multiple=True,
+              help="Only this model's graphs, or one graph as MODEL/GRAPH (repeatable).")
+@click.option("--force", is_flag=True, help="Rebuild this GPU's engines even when cached.")
+@click.option("--workspace-gb", default=8.0, show_default=True, help="TensorRT workspace limit.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=None,
+              help="TensorRT builder optimisation level (default: TensorRT's, 3); lower builds faster.")
+def engines(bundle, precision, max_batch, models, force, workspace_gb, opt_level):
+    """Build TensorRT engines of every graph of BUNDLE for the GPU this runs on.
+
+    Engines are stored under a key of GPU architecture, TensorRT version and
+    precision (e.g. trt/sm90-trt10.16.1-fp16/), recorded in the manifest with their
+    sha256, profiles, fp32-pinned layers and golden-check result. Engines of other
+    keys are kept; this key's engines are reused when up to date. Exits 1 if a graph
+    fails its golden check even in fp32.
+    """
+    try:
+        _engines(bundle, precision, max_batch, models, force, workspace_gb, opt_level)
+    except SpotdiffError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def _engines(bundle, precision, max_batch, models, force, workspace_gb, opt_level):
+    from .engines import build_engines
+
+    results = build_engines(bundle, precision=precision, max_batch=max_batch,
+                            models=list(models) or None, force=force, workspace_gb=workspace_gb,
+                            opt_level=opt_level, log=click.echo)
+    for r in results:
+        click.echo(f"  {r.name:14} {r.status:7} stage {r.stage or '-':24} pinned {r.pinned:5} "
+                   f"max rel_l2 {r.check.get('max_rel_l2', '-')}")
+    failed = [r.name for r in results if r.status == "failed"]
+    if failed:
+        click.echo(f"{len(failed)} graph(s) failed their golden check: {', '.join(failed)}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

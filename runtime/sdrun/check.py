@@ -2,7 +2,9 @@
 
 Golden files are `.npz` archives with keys `{case}__{graph}__in__{name}` and
 `{case}__{graph}__out__{name}`. Each output is compared with relative L2
-(||run - ref|| / ||ref||) against the tolerance the manifest states.
+(||run - ref|| / ||ref||) against the tolerance the manifest states: a graph's own
+`tolerance` (int8 graphs carry theirs, see `sdexport.quantize`) or else its model's.
+The references are always PyTorch fp32 outputs, whatever the graph's precision.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class OutputCheck:
     rel_l2: float
     tolerance: float
     note: str = ""
+    precision: str = "fp32"
 
     @property
     def ok(self) -> bool:
@@ -81,6 +84,14 @@ def match_slots(run: dict, ref: dict, keys: list[str], axis: int = 1) -> tuple[d
     return out, moved
 
 
+def tolerance_for(entry: dict, graph_entry: dict) -> tuple[float, str]:
+    """(relative-L2 tolerance, precision) of one graph: the graph's own tolerance when it has
+    one (an int8 graph does), else its model's, else DEFAULT_REL_L2."""
+    tol = graph_entry.get("tolerance") or entry.get("tolerance") or {}
+    precision = graph_entry.get("precision") or entry.get("precision") or "fp32"
+    return float(tol.get("rel_l2", DEFAULT_REL_L2)), str(precision)
+
+
 def golden_cases(golden: dict[str, np.ndarray]) -> dict[tuple[str, str], dict[str, dict]]:
     cases: dict[tuple[str, str], dict[str, dict]] = {}
     for key, arr in golden.items():
@@ -89,25 +100,52 @@ def golden_cases(golden: dict[str, np.ndarray]) -> dict[tuple[str, str], dict[st
     return cases
 
 
-def check_bundle(bundle: Bundle, provider: str = "cpu", models: list[str] | None = None):
-    """Yield an `OutputCheck` per (model, graph, case, output)."""
+class _StreamGroup:
+    """A weak-referenceable owner of one CUDA stream (see sdrun.trt.device_context)."""
+
+
+def check_graph(bundle: Bundle, model: str, graph: str, session, tolerance: float | None = None):
+    """Yield an `OutputCheck` per (case, output) of one graph run by `session` (anything with
+    `run(feeds) -> dict`: an OnnxModel, a TrtModel). `tolerance` defaults to the model's."""
+    entry = bundle.model(model)
+    gentry = entry["graphs"][graph]
+    graph_tol, precision = tolerance_for(entry, gentry)
+    if tolerance is None:
+        tolerance = graph_tol
+    golden = bundle.arrays(entry["golden_file"])
+    for (case, g), io in sorted(golden_cases(golden).items()):
+        if g != graph:
+            continue
+        outs = session.run(io["in"])
+        note = "" if precision == "fp32" else f"{precision} graph vs PyTorch fp32"
+        slots = gentry.get("slot_outputs")
+        if slots:
+            outs, moved = match_slots(outs, io["out"], slots, axis=gentry.get("slot_axis", 1))
+            if moved:
+                note = "; ".join(x for x in (note, f"{moved} slot(s) reordered") if x)
+        for oname, ref in io["out"].items():
+            max_abs, rel, why = compare(outs[oname], ref)
+            yield OutputCheck(model, graph, case, oname, tuple(ref.shape), max_abs, rel, tolerance,
+                              why or note, precision)
+
+
+def check_bundle(bundle: Bundle, provider: str = "cpu", models: list[str] | None = None, *,
+                 allow_onnx_fallback: bool = False):
+    """Yield an `OutputCheck` per (model, graph, case, output).
+
+    With provider "tensorrt" the bundle's engines for this GPU are checked, each
+    against its precision's tolerance as recorded in the manifest (fp16 engines are
+    not held to fp32's 1e-5).
+    """
+    group = _StreamGroup()  # one CUDA stream for the whole check
     for name, entry in bundle.models.items():
         if models and name not in models:
             continue
-        golden = bundle.arrays(entry["golden_file"])
-        tol = entry.get("tolerance", {}).get("rel_l2", DEFAULT_REL_L2)
-        sessions: dict[str, OnnxModel] = {}
-        for (case, graph), io in sorted(golden_cases(golden).items()):
-            gentry = entry["graphs"][graph]
-            if graph not in sessions:
-                sessions[graph] = open_graph(bundle, name, graph, provider=provider)
-            outs = sessions[graph].run(io["in"])
-            note = ""
-            slots = gentry.get("slot_outputs")
-            if slots:
-                outs, moved = match_slots(outs, io["out"], slots, axis=gentry.get("slot_axis", 1))
-                note = f"{moved} slot(s) reordered" if moved else ""
-            for oname, ref in io["out"].items():
-                max_abs, rel, why = compare(outs[oname], ref)
-                yield OutputCheck(name, graph, case, oname, tuple(ref.shape), max_abs, rel, tol,
-                                  why or note)
+        graphs = sorted({g for (_, g) in golden_cases(bundle.arrays(entry["golden_file"]))})
+        for graph in graphs:
+            tol, _ = tolerance_for(entry, entry["graphs"][graph])
+            session = open_graph(bundle, name, graph, provider=provider,
+                                 allow_onnx_fallback=allow_onnx_fallback, group=group)
+            gtol = getattr(session, "check_tolerance", None)
+            yield from check_graph(bundle, name, graph, session,
+                                   tol if gtol is None else max(tol, gtol))

@@ -1,0 +1,579 @@
+"""TensorRT engines of a bundle: keys, lookup, and a session that runs one.
+
+An engine only runs on the GPU architecture and TensorRT version it was built
+with, so a bundle keeps engines under a key of both plus the precision:
+`sm90-trt10.16.1-fp16`. Files are `trt/<key>/<model>_<graph>.engine`, listed in
+the manifest's `files` (sha256) and described in its `engines` section:
+
+    "engines": {"sm90-trt10.16.1-fp16": {
+        "gpu": "sm90", "gpu_name": "NVIDIA H200", "tensorrt": "10.16.1.11",
+        "precision": "fp16", "tolerance": {"rel_l2": 0.01}, "built": "...",
+        "graphs": {"owlvit/image": {
+            "file": "trt/sm90-trt10.16.1-fp16/owlvit_image.engine",
+            "onnx_file": "owlvit/image.onnx", "onnx_sha256": "...", "max_batch_pairs": 8,
+            "profiles": {"pixel_values": {"min": [1, 3, 768, 768], "opt": [4, ...], "max": [32, ...]}},
+            "typing": "weak", "stage": "normalization+sampling",
+            "pinned_fp32": ["normalization"], "pinned_layers": 25, "pinned_counts": {...},
+            "pinned_file": "trt/<key>/owlvit_image.pinned.json",
+            "check": {"ok": true, "max_rel_l2": 0.0012, "tolerance": 0.01, "outputs": {...}}}}}}
+
+A graph whose engine failed its golden check at every pinning stage has an entry
+with "failed" and no "file"; it is never used.
+
+Nothing here imports tensorrt, cuda-python or CuPy at module level: `import sdrun`
+and CPU runs work without them. `TrtModel` has the interface of `OnnxModel`
+(`run(feeds) -> dict`, `input_names`, `output_names`); device buffers come from
+cuda-python (or CuPy), never torch; host staging buffers are pinned; all engines
+of one pipeline share one CUDA stream.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError, ProviderError
+
+ENGINE_DIR = "trt"
+PRECISIONS = ("fp16", "fp32")
+# Golden-check tolerance (relative L2 against PyTorch fp32) of engines by precision.
+ENGINE_TOLERANCE = {"fp16": 1e-2, "fp32": 1e-4}
+KEY_RE = re.compile(r"^sm(?P<arch>\d+)-trt(?P<trt>\d+(?:\.\d+)*)-(?P<precision>fp16|fp32)$")
+BUILD_HINT = "sdexport engines {bundle} --precision {precision}"
+
+
+class EngineError(ProviderError):
+    """No usable TensorRT engine for this GPU / TensorRT version / graph."""
+
+
+class EngineFallbackWarning(UserWarning):
+    """An engine did not match; the ONNX graph runs with onnxruntime CUDA instead."""
+
+
+# ---- keys ------------------------------------------------------------------------
+def trt_short_version(version: str) -> str:
+    """`10.16.1.11` -> `10.16.1` (major.minor.patch: what engine compatibility follows)."""
+    return ".".join(str(version).split(".")[:3])
+
+
+def engine_key(arch: str, trt_version: str, precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    arch = arch if arch.startswith("sm") else f"sm{arch}"
+    return f"{arch}-trt{trt_short_version(trt_version)}-{precision}"
+
+
+def parse_key(key: str) -> tuple[str, str, str]:
+    """`sm90-trt10.9.0-fp16` -> ("sm90", "10.9.0", "fp16")."""
+    m = KEY_RE.match(key)
+    if not m:
+        raise ValueError(f"{key!r} is not an engine key (expected e.g. sm90-trt10.9.0-fp16)")
+    return f"sm{m['arch']}", m["trt"], m["precision"]
+
+
+def engine_file(key: str, model: str, graph: str) -> str:
+    return f"{ENGINE_DIR}/{key}/{model}_{graph}.engine"
+
+
+# ---- optional imports --------------------------------------------------------------
+def import_tensorrt():
+    try:
+        import tensorrt  # noqa: PLC0415
+    except ImportError as e:
+        raise ProviderError(
+            "TensorRT engines (provider 'tensorrt', sdexport engines) need NVIDIA TensorRT's "
+            f"Python package, which does not import ({e}): pip install tensorrt-cu13 "
+            "(or tensorrt-cu12, matching your CUDA) cuda-python") from None
+    return tensorrt
+
+
+# ---- the CUDA layer: device memory, pinned host memory, streams -----------------------
+class CudaApi:
+    """The few CUDA runtime calls the engines need; one implementation per library."""
+
+    library = "?"
+
+    def device_count(self) -> int: ...
+    def capability(self, device: int) -> tuple[int, int]: ...
+    def device_name(self, device: int) -> str: ...
+    def set_device(self, device: int) -> None: ...
+    def malloc(self, nbytes: int) -> int: ...
+    def free(self, ptr: int) -> None: ...
+    def host_alloc(self, nbytes: int) -> tuple[Any, np.ndarray]: ...  # (handle, uint8 view)
+    def host_free(self, handle) -> None: ...
+    def stream_create(self): ...
+    def stream_handle(self, stream) -> int: ...
+    def stream_destroy(self, stream) -> None: ...
+    def stream_sync(self, stream) -> None: ...
+    def htod_async(self, dst: int, src: np.ndarray, stream) -> None: ...
+    def dtoh_async(self, dst: np.ndarray, src: int, stream) -> None: ...
+
+
+class CudaPythonApi(CudaApi):
+    """NVIDIA's cuda-python (`cuda.bindings.runtime`; `cuda.cudart` in older releases)."""
+
+    library = "cuda-python"
+
+    def __init__(self):
+        try:
+            from cuda.bindings import runtime as rt  # noqa: PLC0415
+        except ImportError:
+            from cuda import cudart as rt  # noqa: PLC0415
+        self.rt = rt
+
+    def _call(self, what, result):
+        if isinstance(result, tuple):
+            err, rest = result[0], result[1:]
+        else:
+            err, rest = result, ()
+        if int(err) != 0:
+            name = getattr(err, "name", str(err))
+            raise ProviderError(f"CUDA {what} failed: {name}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def device_count(self):
+        return int(self._call("cudaGetDeviceCount", self.rt.cudaGetDeviceCount()))
+
+    def capability(self, device):
+        p = self._call("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(device))
+        return int(p.major), int(p.minor)
+
+    def device_name(self, device):
+        p = self._call("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(device))
+        name = p.name
+        if isinstance(name, (bytes, bytearray)):
+            name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+        return str(name)
+
+    def set_device(self, device):
+        self._call("cudaSetDevice", self.rt.cudaSetDevice(device))
+
+    def malloc(self, nbytes):
+        return int(self._call("cudaMalloc", self.rt.cudaMalloc(max(int(nbytes), 1))))
+
+    def free(self, ptr):
+        self._call("cudaFree", self.rt.cudaFree(ptr))
+
+    def host_alloc(self, nbytes):
+        nbytes = max(int(nbytes), 1)
+        ptr = int(self._call("cudaMallocHost", self.rt.cudaMallocHost(nbytes)))
+        view = np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(ptr))
+        return ptr, view
+
+    def host_free(self, handle):
+        self._call("cudaFreeHost", self.rt.cudaFreeHost(handle))
+
+    def stream_create(self):
+        return self._call("cudaStreamCreate", self.rt.cudaStreamCreate())
+
+    def stream_handle(self, stream):
+        return int(stream)
+
+    def stream_destroy(self, stream):
+        self._call("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
+
+    def stream_sync(self, stream):
+        self._call("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(stream))
+
+    def htod_async(self, dst, src, stream):
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._call("cudaMemcpyAsync (host to device)",
+                   self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream))
+
+    def dtoh_async(self, dst, src, stream):
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._call("cudaMemcpyAsync (device to host)",
+                   self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream))
+
+
+class CupyApi(CudaApi):
+    """CuPy's CUDA runtime wrappers (used when cuda-python is absent)."""
+
+    library = "cupy"
+
+    def __init__(self):
+        import cupy  # noqa: PLC0415
+
+        self.cp = cupy
+        self.rt = cupy.cuda.runtime
+
+    def device_count(self):
+        return int(self.rt.getDeviceCount())
+
+    def capability(self, device):
+        p = self.rt.getDeviceProperties(device)
+        return int(p["major"]), int(p["minor"])
+
+    def device_name(self, device):
+        name = self.rt.getDeviceProperties(device)["name"]
+        return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+    def set_device(self, device):
+        self.rt.setDevice(device)
+
+    def malloc(self, nbytes):
+        return int(self.rt.malloc(max(int(nbytes), 1)))
+
+    def free(self, ptr):
+        self.rt.free(ptr)
+
+    def host_alloc(self, nbytes):
+        nbytes = max(int(nbytes), 1)
+        mem = self.cp.cuda.alloc_pinned_memory(nbytes)
+        return mem, np.frombuffer(mem, np.uint8, nbytes)
+
+    def host_free(self, handle):
+        pass  # freed when the PinnedMemoryPointer is dropped
+
+    def stream_create(self):
+        return self.cp.cuda.Stream(non_blocking=True)
+
+    def stream_handle(self, stream):
+        return int(stream.ptr)
+
+    def stream_destroy(self, stream):
+        pass
+
+    def stream_sync(self, stream):
+        stream.synchronize()
+
+    def htod_async(self, dst, src, stream):
+        self.rt.memcpyAsync(dst, src.ctypes.data, src.nbytes, self.rt.memcpyHostToDevice, stream.ptr)
+
+    def dtoh_async(self, dst, src, stream):
+        self.rt.memcpyAsync(dst.ctypes.data, src, dst.nbytes, self.rt.memcpyDeviceToHost, stream.ptr)
+
+
+def cuda_api() -> CudaApi:
+    """cuda-python if importable, else CuPy; ProviderError naming what to install."""
+    errors = []
+    for cls in (CudaPythonApi, CupyApi):
+        try:
+            return cls()
+        except ImportError as e:
+            errors.append(f"{cls.library}: {e}")
+    raise ProviderError("provider 'tensorrt' needs cuda-python or CuPy for device memory, and "
+                        f"neither imports ({'; '.join(errors)}): pip install cuda-python")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    device: int
+    arch: str  # sm90
+    name: str
+    library: str
+
+
+def gpu_info(api: CudaApi | None = None, device: int = 0) -> GpuInfo:
+    """The CUDA device engines are built for / run on; ProviderError if there is none."""
+    api = api or cuda_api()
+    try:
+        n = api.device_count()
+    except ProviderError as e:
+        raise ProviderError(f"no usable CUDA device ({e}); provider 'tensorrt' needs an NVIDIA "
+                            "GPU with a working driver") from None
+    if n <= device:
+        raise ProviderError(f"no CUDA device {device} ({n} found); provider 'tensorrt' needs an "
+                            "NVIDIA GPU")
+    major, minor = api.capability(device)
+    return GpuInfo(device, f"sm{major}{minor}", api.device_name(device), api.library)
+
+
+def current_key(precision: str, device: int = 0, api: CudaApi | None = None) -> str:
+    trt = import_tensorrt()
+    return engine_key(gpu_info(api, device).arch, trt.__version__, precision)
+
+
+# ---- one stream per pipeline ------------------------------------------------------------
+class DeviceContext:
+    """The CUDA API, device and stream that a group of engines (one pipeline) share."""
+
+    def __init__(self, api: CudaApi | None = None, device: int = 0):
+        self.api = api or cuda_api()
+        self.device = device
+        self.api.set_device(device)
+        self.stream = self.api.stream_create()
+        self.handle = self.api.stream_handle(self.stream)
+
+    def __del__(self):
+        try:
+            self.api.stream_destroy(self.stream)
+        except Exception:  # noqa: BLE001  (interpreter shutdown, context gone)
+            pass
+
+
+_contexts: "weakref.WeakKeyDictionary[Any, DeviceContext]" = weakref.WeakKeyDictionary()
+_contexts_lock = threading.Lock()
+
+
+def device_context(group=None, device: int = 0) -> DeviceContext:
+    """The shared context of `group` (e.g. a Pipeline): one CUDA stream per group."""
+    if group is None:
+        return DeviceContext(device=device)
+    with _contexts_lock:
+        ctx = _contexts.get(group)
+        if ctx is None:
+            ctx = _contexts[group] = DeviceContext(device=device)
+        return ctx
+
+
+# ---- the session -----------------------------------------------------------------------
+class _Buffer:
+    """A device buffer and its pinned host twin, grown on demand."""
+
+    def __init__(self, api: CudaApi):
+        self.api, self.nbytes, self.dptr, self.host_handle, self.host = api, 0, None, None, None
+
+    def ensure(self, nbytes: int):
+        if nbytes <= self.nbytes:
+            return
+        self.release()
+        self.dptr = self.api.malloc(nbytes)
+        self.host_handle, self.host = self.api.host_alloc(nbytes)
+        self.nbytes = nbytes
+
+    def view(self, dtype, shape) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return self.host[:n].view(dtype).reshape(shape)
+
+    def release(self):
+        if self.dptr is not None:
+            self.api.free(self.dptr)
+            self.api.host_free(self.host_handle)
+        self.nbytes, self.dptr, self.host_handle, self.host = 0, None, None, None
+
+
+class TrtModel:
+    """A serialized TensorRT engine with the interface of `OnnxModel`.
+
+    Input shapes are set per call (dynamic batch within the engine's profile); a
+    batch above the profile's maximum runs in chunks. One execution context per
+    model, guarded by a lock; inputs and outputs go through pinned host buffers on
+    the context's stream.
+    """
+
+    provider = "tensorrt"
+
+    def __init__(self, path: str | Path, context: DeviceContext | None = None, *,
+                 key: str | None = None, tolerance: float | None = None, label: str = ""):
+        self.path = Path(path)
+        self.key = key
+        self.check_tolerance = tolerance
+        self.label = label or self.path.name
+        self._ctx = context
+        self._lock = threading.Lock()
+        self.trt = import_tensorrt()
+        self._engine = self._deserialize()
+        e, trt = self._engine, self.trt
+        self._inputs, self._outputs, self._dtypes, self._max_batch = [], [], {}, None
+        for i in range(e.num_io_tensors):
+            name = e.get_tensor_name(i)
+            self._dtypes[name] = np.dtype(trt.nptype(e.get_tensor_dtype(name)))
+            if e.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self._inputs.append(name)
+                shape = tuple(e.get_tensor_shape(name))
+                if shape and shape[0] == -1:
+                    hi = tuple(e.get_tensor_profile_shape(name, 0)[2])[0]
+                    self._max_batch = hi if self._max_batch is None else min(self._max_batch, hi)
+            else:
+                self._outputs.append(name)
+        self._context = None
+        self._buffers: dict[str, _Buffer] = {}
+
+    def _deserialize(self):
+        trt = self.trt
+        self._logger = trt.Logger(trt.Logger.ERROR)
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise EngineError(f"{self.path}: TensorRT {trt.__version__} cannot load this engine "
+                              "(built with another TensorRT version or for another GPU, or the "
+                              "file is damaged)")
+        return engine
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    @property
+    def max_batch(self) -> int | None:
+        return self._max_batch
+
+    def _buffer(self, name: str) -> _Buffer:
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = _Buffer(self._ctx.api)
+        return buf
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self._inputs if n not in feeds]
+        if missing:
+            raise ValueError(f"{self.label}: missing input(s) {', '.join(missing)}")
+        batch = {np.shape(feeds[n])[0] for n in self._inputs if np.ndim(feeds[n])}
+        step = self._max_batch
+        n = batch.pop() if len(batch) == 1 else None
+        if step is None or n is None or n <= step:
+            return self._run_once(feeds)
+        parts = [self._run_once({k: feeds[k][i:i + step] for k in self._inputs})
+                 for i in range(0, n, step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in self._outputs}
+
+    def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._ctx is None:
+                self._ctx = device_context()
+            if self._context is None:
+                self._context = self._engine.create_execution_context()
+                if self._context is None:
+                    raise EngineError(f"{self.label}: TensorRT could not create an execution "
+                                      "context (out of GPU memory?)")
+            api, stream, ctx = self._ctx.api, self._ctx.stream, self._context
+            if self._ctx.device:
+                api.set_device(self._ctx.device)  # the current device is per host thread
+            for name in self._inputs:
+                arr = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
+                if not ctx.set_input_shape(name, tuple(arr.shape)):
+                    prof = self._engine.get_tensor_profile_shape(name, 0)
+                    raise ValueError(f"{self.label}: input {name} of shape {arr.shape} is outside "
+                                     f"the engine's profile (min {tuple(prof[0])}, max {tuple(prof[2])})")
+                buf = self._buffer(name)
+                buf.ensure(arr.nbytes)
+                host = buf.view(arr.dtype, arr.shape)
+                np.copyto(host, arr)
+                api.htod_async(buf.dptr, host, stream)
+                ctx.set_tensor_address(name, buf.dptr)
+            shapes = {}
+            for name in self._outputs:
+                shape = tuple(ctx.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise EngineError(f"{self.label}: output {name} has data-dependent shape {shape}")
+                shapes[name] = shape
+                buf = self._buffer(name)
+                buf.ensure(int(np.prod(shape, dtype=np.int64)) * self._dtypes[name].itemsize)
+                ctx.set_tensor_address(name, buf.dptr)
+            if not ctx.execute_async_v3(self._ctx.handle):
+                raise EngineError(f"{self.label}: TensorRT execution failed")
+            outs = {}
+            for name in self._outputs:
+                buf = self._buffers[name]
+                host = buf.view(self._dtypes[name], shapes[name])
+                api.dtoh_async(host, buf.dptr, stream)
+                outs[name] = host
+            api.stream_sync(stream)
+            return {k: v.copy() for k, v in outs.items()}
+
+    def close(self):
+        with self._lock:
+            for buf in self._buffers.values():
+                buf.release()
+            self._buffers.clear()
+            self._context = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---- lookup in a bundle ---------------------------------------------------------------
+def engines_section(bundle) -> dict:
+    return bundle.manifest.get("engines", {}) or {}
+
+
+def _stale_reason(bundle, entry: dict) -> str | None:
+    onnx_rel = entry.get("onnx_file")
+    if onnx_rel and entry.get("onnx_sha256"):
+        current = bundle.manifest["files"].get(onnx_rel, {}).get("sha256")
+        if current != entry["onnx_sha256"]:
+            return f"it was built from another version of {onnx_rel}"
+    return None
+
+
+def find_engine(bundle, model: str, graph: str, arch: str, trt_version: str,
+                precision: str | None = None) -> tuple[str, dict]:
+    """The (key, graph entry) of a usable engine for this GPU + TensorRT, preferring fp16
+    (or only `precision`). Raises EngineError saying which keys the bundle has and why none fits."""
+    section = engines_section(bundle)
+    name = f"{model}/{graph}"
+    order = [precision] if precision else list(PRECISIONS)
+    wanted = [engine_key(arch, trt_version, p) for p in order]
+    reasons = []
+    for key in wanted:
+        entry = section.get(key, {}).get("graphs", {}).get(name)
+        if entry is None:
+            continue
+        if not entry.get("file") or not entry.get("check", {}).get("ok", False):
+            reasons.append(f"{key} has {name} but it failed its golden check"
+                           + (f" ({entry['failed']})" if entry.get("failed") else ""))
+            continue
+        stale = _stale_reason(bundle, entry)
+        if stale:
+            reasons.append(f"{key}'s {name} engine is stale: {stale}")
+            continue
+        return key, entry
+    have = ", ".join(f"{k} ({len(v.get('graphs', {}))} graphs)" for k, v in sorted(section.items()))
+    why = "; ".join(reasons)
+    raise EngineError(
+        f"{bundle.root}: no usable TensorRT engine for {name} on this machine "
+        f"(looked for {' or '.join(wanted)}; GPU {arch}, TensorRT {trt_version})"
+        + (f": {why}" if why else "")
+        + f". The bundle has engines for: {have or 'none'}. Build them here with "
+        f"`{BUILD_HINT.format(bundle=bundle.root, precision=precision or 'fp16')}`, or allow "
+        "running the ONNX graph with onnxruntime CUDA on this GPU (--allow-onnx-fallback; "
+        "allow_onnx_fallback=True in Python).")
+
+
+def parse_provider(provider: str) -> tuple[str, str | None]:
+    """`tensorrt` / `tensorrt:fp16` -> ("tensorrt", None | "fp16")."""
+    base, _, precision = provider.partition(":")
+    if precision and (base != "tensorrt" or precision not in PRECISIONS):
+        raise ProviderError(f"unknown provider {provider!r}; choose cpu, cuda, tensorrt, "
+                            "tensorrt:fp16 or tensorrt:fp32")
+    return base, precision or None
+
+
+def open_engine(bundle, model: str, graph: str, precision: str | None = None, *,
+                allow_onnx_fallback: bool = False, group=None, threads: int | None = None):
+    """A TrtModel for this graph, or (when allowed) an onnxruntime CUDA session of its ONNX
+    graph with an EngineFallbackWarning. Never runs on the CPU."""
+    trt = import_tensorrt()
+    info = gpu_info(cuda_api())  # a clear error without a GPU, before any CUDA call
+    ctx = device_context(group, info.device)
+    try:
+        key, entry = find_engine(bundle, model, graph, info.arch, trt.__version__, precision)
+        try:
+            path = bundle.path(entry["file"])
+        except BundleError as e:
+            raise EngineError(str(e)) from None
+        tol = section_tolerance(engines_section(bundle)[key])
+        return TrtModel(path, ctx, key=key, tolerance=tol, label=f"{model}/{graph} [{key}]")
+    except EngineError as e:
+        if not allow_onnx_fallback:
+            raise
+        from .session import OnnxModel  # noqa: PLC0415
+
+        try:
+            fallback = OnnxModel(bundle.path(bundle.model(model)["graphs"][graph]["file"]),
+                                 "cuda", threads, device=info.device)
+        except ProviderError as e2:
+            raise ProviderError(f"{e}\nThe ONNX fallback is not possible either: {e2}") from None
+        warnings.warn(f"{e} Falling back to onnxruntime CUDA for {model}/{graph} on "
+                      f"{info.name} ({info.arch}).", EngineFallbackWarning, stacklevel=3)
+        return fallback
+
+
+def section_tolerance(section: dict) -> float:
+    tol = section.get("tolerance", {}).get("rel_l2")
+    return float(tol) if tol is not None else ENGINE_TOLERANCE[section.get("precision", "fp16")]
