@@ -57,13 +57,24 @@ class ReferencePipeline:
         self.siamese, data_cfg, _ = siamese_model.load_torch(local("siamese"), ctx)
         self.siamese_tf = siamese_model.timm_transform(data_cfg)
         self.clip, self.clip_tf, _ = clip_model.load_torch(local("clip"), ctx)
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> "ReferencePipeline":
+        """Run the models on `device` (e.g. "cuda"); inputs go there, outputs come back to
+        the CPU for the numpy post-processing. The default, the CPU, changes nothing."""
+        self.device = torch.device(device)
+        for m in (self.owl, self.gd, self.siamese, self.clip):
+            if m is not None:
+                m.to(self.device)
+        return self
 
     # ---- detectors, one image per call ----------------------------------------------
     @torch.inference_mode()
     def owlvit(self, image: np.ndarray):
         h, w = image.shape[:2]
         inputs = self.owl_proc(text=[self.prompts], images=image, return_tensors="pt")
-        out = self.owl(**inputs)
+        out = self.owl(**{k: v.to(self.device) for k, v in inputs.items()})
+        out.logits, out.pred_boxes = out.logits.cpu(), out.pred_boxes.cpu()
         res = self.owl_proc.image_processor.post_process_object_detection(
             out, threshold=self.params["owlvit_score_thr"], target_sizes=[(h, w)])[0]
         return (res["boxes"].numpy(), res["scores"].numpy(),
@@ -75,7 +86,8 @@ class ReferencePipeline:
         gh, gw = self.gd_size
         inputs = self.gd_proc(images=image, text=self.gd_prompt, return_tensors="pt",
                               size={"height": gh, "width": gw})
-        out = self.gd(**inputs)
+        out = self.gd(**{k: v.to(self.device) for k, v in inputs.items()})
+        out.logits, out.pred_boxes = out.logits.cpu(), out.pred_boxes.cpu()
         t = len(self.gd_token_labels)
         probs = out.logits[0, :, :t].sigmoid()
         per_label = torch.zeros(probs.shape[0], len(self.labels), dtype=probs.dtype)
@@ -118,8 +130,9 @@ class ReferencePipeline:
     @torch.inference_mode()
     def heat(self, a: np.ndarray, b: np.ndarray):
         x = torch.stack([self.siamese_tf(Image.fromarray(a)), self.siamese_tf(Image.fromarray(b))])
+        x = x.to(self.device)
         patch, logit = self.siamese(x[:1], x[1:])
-        return patch[0].numpy(), float(logit[0])
+        return patch[0].cpu().numpy(), float(logit[0])
 
     @staticmethod
     def upsample(patch: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -148,8 +161,8 @@ class ReferencePipeline:
         y0, y1 = axis(box[1], box[3], h)
         x0, x1 = axis(box[0], box[2], w)
         crop = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
-        e = self.clip.encode_image(self.clip_tf(crop)[None])
-        return torch.nn.functional.normalize(e, dim=-1)[0]
+        e = self.clip.encode_image(self.clip_tf(crop)[None].to(self.device))
+        return torch.nn.functional.normalize(e, dim=-1)[0].cpu()
 
     # ---- one pair -------------------------------------------------------------------
     def diff(self, a: np.ndarray, b: np.ndarray) -> dict:

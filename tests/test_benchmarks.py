@@ -1,0 +1,109 @@
+"""CI smoke test of the benchmark scripts on the tiny bundle: 2 pairs, 1 repeat, results in a
+temporary folder (never benchmarks/results/)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("ensemble_boxes")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> str:
+    p = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, f"{script} failed:\n{p.stderr[-4000:]}"
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def latency(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    stdout = _run("latency.py", "--bundle", str(tiny_bundle), "--pairs", "2", "--repeats", "1",
+                  "--warmup", "1", "--out-dir", str(out))
+    return out, stdout, json.loads((out / f"latency_{tiny_bundle.name}.json").read_text())
+
+
+def test_latency_smoke(latency, tiny_bundle):
+    out, stdout, data = latency
+    assert "| contender |" in stdout.splitlines()[2] or "| contender |" in stdout
+    for ext in ("md", "png"):
+        assert (out / f"latency_{tiny_bundle.name}.{ext}").stat().st_size > 0
+    names = ["reference", "torch", "sdrun-fp32", "sdrun-int8"]
+    s = data["summary"]
+    assert list(s["per_contender"]) == names
+    assert len(data["runs"]) == 2 * len(names)
+    for n in names:
+        assert s["per_contender"][n]["wall_s"]["median"] > 0
+        assert s["per_contender"][n]["cpu_s"]["median"] > 0
+        st = s["stages"][n]
+        for stage in ("OWL-ViT", "Grounding DINO", "Siamese", "CLIP", "WBF", "preprocess"):
+            assert st[stage]["median_s"] > 0, (n, stage)
+        assert st["Grounding DINO"]["gflop_per_pair"] > 0 and st["Grounding DINO"]["gflops_per_s"] > 0
+    assert s["ratios"]["reference/sdrun-fp32"]["median_paired"] > 0
+    assert data["flops"]["peak"]["fp32_gflops"] > 0
+    assert all(g["gflop"] > 0 for g in data["flops"]["graphs"].values())
+    # the seed re-encodes its prompts: its OWL-ViT stage costs more FLOPs per pair
+    assert (s["stages"]["reference"]["OWL-ViT"]["gflop_per_pair"]
+            > s["stages"]["sdrun-fp32"]["OWL-ViT"]["gflop_per_pair"])
+    assert data["machine"]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_accuracy_smoke(tiny_bundle, tmp_path):
+    stdout = _run("accuracy.py", "--bundle", str(tiny_bundle), "--pairs", "2",
+                  "--contenders", "torch,sdrun-fp32,sdrun-int8", "--out-dir", str(tmp_path))
+    assert "label sets identical" in stdout
+    data = json.loads((tmp_path / f"accuracy_{tiny_bundle.name}.json").read_text())
+    s = data["summary"]
+    assert set(s) == {"torch", "sdrun-fp32", "sdrun-int8"}
+    for name in ("torch", "sdrun-fp32"):  # fp32 answers equal the reference's
+        assert s[name]["pairs"] == 2 and s[name]["identical_share"] == 1.0, s[name]
+        assert s[name]["objects_ref"] > 0 and s[name]["iou_mean"] > 0.9
+    assert 0.0 <= s["sdrun-int8"]["identical_share"] <= 1.0
+    assert (tmp_path / f"accuracy_{tiny_bundle.name}.png").stat().st_size > 0
+
+
+def test_accuracy_from_latency(latency, tiny_bundle, tmp_path):
+    out, _, _ = latency
+    _run("accuracy.py", "--bundle", str(tiny_bundle), "--from-latency",
+         str(out / f"latency_{tiny_bundle.name}.json"), "--out-dir", str(tmp_path))
+    s = json.loads((tmp_path / f"accuracy_{tiny_bundle.name}.json").read_text())["summary"]
+    assert set(s) == {"torch", "sdrun-fp32", "sdrun-int8"}
+
+
+def test_coldstart_smoke(tiny_bundle, tmp_path):
+    stdout = _run("coldstart.py", "--bundle", str(tiny_bundle), "--repeats", "1",
+                  "--variants", "sdrun,torch", "--out-dir", str(tmp_path))
+    assert "peak RSS" in stdout
+    data = json.loads((tmp_path / f"coldstart_{tiny_bundle.name}.json").read_text())
+    for v in ("sdrun", "torch"):
+        x = data["summary"][v]
+        assert x["import_s"]["median"] > 0 and x["load_s"]["median"] > 0
+        assert x["peak_rss_load_mib"]["median"] > 50
+    assert data["ratios"]["peak_rss_sdrun_over_torch"] > 0
+
+
+def test_flop_formulas():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import flops
+    finally:
+        sys.path.remove(str(BENCH))
+    mm = flops.node_flops("MatMul", [{"float": [2, 10, 8]}, {"float": [8, 4]}], [{"float": [2, 10, 4]}])
+    assert mm == 2 * 2 * 10 * 4 * 8
+    conv = flops.node_flops("Conv", [{"float": [1, 3, 32, 32]}, {"float": [16, 3, 4, 4]}],
+                            [{"float": [1, 16, 8, 8]}])
+    assert conv == 2 * 16 * 8 * 8 * 3 * 4 * 4
+    assert flops.node_flops("Add", [{"float": [4]}], [{"float": [4]}]) == 0
+
+
+def test_gpu_script_is_valid_bash():
+    p = subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
