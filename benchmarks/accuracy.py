@@ -138,7 +138,7 @@ def run(args) -> dict:
         int8 = int8_bundle_for(bundle, args.int8, log) if "sdrun-int8" in which else None
         report["int8_bundle"] = str(int8) if int8 else None
         contenders, _ = load_contenders(bundle, int8, which, provider=args.provider,
-                                            params=parse_params(args.param))
+                                        params=parse_params(args.param))
         report["provider"] = args.provider
         report["params"] = parse_params(args.param)
         pairs = make_pairs(args.pairs, seed=args.seed, real=not args.synthetic_only)

@@ -77,6 +77,9 @@ def run(args) -> dict:
         raise SystemExit(f"unknown contender(s) {bad}; choose from {', '.join(CONTENDERS)}")
     int8 = int8_bundle_for(bundle, args.int8, log) if "sdrun-int8" in which else None
     name = args.name or f"latency_{bundle.name}"
+    previous = None
+    if args.resume and (args.out_dir / f"{name}.json").is_file():
+        previous = json.loads((args.out_dir / f"{name}.json").read_text())
     report = {"benchmark": "latency", "bundle": str(bundle), "bundle_label": bundle_label(bundle),
               "int8_bundle": str(int8) if int8 else None, "machine": machine(),
               "fairness": FAIRNESS_NOTE, "pairs": args.pairs, "repeats": args.repeats,
@@ -94,7 +97,7 @@ def run(args) -> dict:
 
     log(f"[load] {', '.join(which)} ...")
     contenders, loads = load_contenders(bundle, int8, which, provider=args.provider,
-                                            params=parse_params(args.param))
+                                        params=parse_params(args.param))
     report["provider"] = args.provider
     report["params"] = parse_params(args.param)
     report["load_seconds"] = loads
@@ -108,6 +111,17 @@ def run(args) -> dict:
     else:
         warm = make_pairs(args.warmup, seed=args.seed + 1000, real=False) if args.warmup else []
     report["pair_ids"] = [p[0] for p in timed]
+    done = set()
+    if previous is not None:  # --resume: keep the runs an interrupted run saved
+        if (previous.get("pair_ids") != report["pair_ids"] or previous.get("bundle") != str(bundle)
+                or (previous.get("params") or {}) != report["params"]):
+            raise SystemExit(f"--resume: {name}.json holds another run (pairs "
+                             f"{previous.get('pair_ids')}, params {previous.get('params')})")
+        report["runs"] = [r for r in previous["runs"] if r["contender"] in which]
+        report["machine"] = previous["machine"]
+        report["resumed"] = previous.get("resumed", []) + [machine()]
+        done = {(r["repeat"], r["pair"], r["contender"]) for r in report["runs"]}
+        log(f"[resume] {len(done)} runs kept from {name}.json")
 
     for pid, a, b in warm:
         for c in contenders:
@@ -118,6 +132,10 @@ def run(args) -> dict:
     out_dir = args.out_dir
     for r in range(args.repeats):
         for pid, a, b in timed:
+            if all((r, pid, c.name) in done for c in contenders):
+                continue
+            # a pair is timed for every contender back to back, or again from its start
+            report["runs"] = [x for x in report["runs"] if (x["repeat"], x["pair"]) != (r, pid)]
             for c in contenders:  # interleaved: A B C D on every pair
                 with TIMER.recording() as stages:
                     c0, t0 = time.process_time(), time.perf_counter()
@@ -220,16 +238,20 @@ def markdown(report: dict) -> str:
                 stages.append(st)
     stages.sort(key=lambda x: STAGE_ORDER.index(x) if x in STAGE_ORDER else 99)
     header = ["stage"] + [f"{n} s" for n in names] + ["GFLOP/pair"] + [f"{n} GFLOP/s" for n in names]
+    header[len(names) + 1] = "GFLOP/pair (sdrun; seed)"
     rows = []
     for st in stages:
         row = [st]
         for n in names:
             v = s["stages"][n].get(st)
             row.append(fmt_s(v["median_s"]) if v else "-")
-        g = [s["stages"][n][st]["gflop_per_pair"] for n in names if st in s["stages"][n]
-             and s["stages"][n][st]["gflop_per_pair"]]
-        gl = sorted({round(x, 1) for x in g})
-        row.append(" / ".join(f"{x:.1f}" for x in gl) if gl else "")
+        g = {n: s["stages"][n][st]["gflop_per_pair"] for n in names
+             if st in s["stages"][n] and s["stages"][n][st]["gflop_per_pair"]}
+        main_n = next((n for n in ("sdrun-fp32", "torch", "sdrun-int8") if n in g), None)
+        cell = f"{g[main_n]:.0f}" if main_n else ""
+        if "reference" in g and (not main_n or abs(g["reference"] - g[main_n]) > 0.01 * g["reference"]):
+            cell += f" (seed {g['reference']:.0f})"
+        row.append(cell)
         for n in names:
             v = s["stages"][n].get(st)
             row.append(f"{v['gflops_per_s']:.0f}" if v and v["gflops_per_s"] else "")
@@ -241,7 +263,7 @@ def markdown(report: dict) -> str:
                  f"int8 {peak.get('int8_gops', '?')} GOP/s ({peak.get('method', '')}).")
     lines.append("")
     lines.append(md_table(header, rows))
-    lines += ["", "GFLOP/pair: OWL-ViT 4 views (the seed reference also encodes every prompt "
+    lines += ["", "GFLOP/pair: median per pair, sdrun-fp32's (the seed's where it differs): OWL-ViT 4 views (the seed reference also encodes every prompt "
               "on each of its 4 calls); Grounding DINO 4 views; CLIP one crop per kept box (the "
               "seed: two crops per same-label candidate pair); MatMul/Gemm/Conv only. "
               "The seed reference's 'preprocess' includes the HF processors and HF "
@@ -304,12 +326,15 @@ def main(argv=None) -> int:
                     help="cuda: sdrun with onnxruntime's CUDA provider, PyTorch on the GPU")
     ap.add_argument("--name", help="output name (default latency_<bundle folder>)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in <out-dir>/<name>.json (same pairs) and add the rest")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only re-write the table and chart of an earlier run's JSON")
     args = ap.parse_args(argv)
     if args.render:
         report = json.loads(args.render.read_text())
-        report["summary"] = summarise(report, list(report["summary"]["per_contender"]))
+        names = list(dict.fromkeys(r["contender"] for r in report["runs"]))
+        report["summary"] = summarise(report, names)
     else:
         report = run(args)
     md = markdown(report)

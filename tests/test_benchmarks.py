@@ -33,7 +33,7 @@ def latency(tiny_bundle, tmp_path_factory):
 
 def test_latency_smoke(latency, tiny_bundle):
     out, stdout, data = latency
-    assert "| contender |" in stdout.splitlines()[2] or "| contender |" in stdout
+    assert "| contender |" in stdout and "| stage |" in stdout  # the tables, printed last
     for ext in ("md", "png"):
         assert (out / f"latency_{tiny_bundle.name}.{ext}").stat().st_size > 0
     names = ["reference", "torch", "sdrun-fp32", "sdrun-int8"]
@@ -44,8 +44,10 @@ def test_latency_smoke(latency, tiny_bundle):
         assert s["per_contender"][n]["wall_s"]["median"] > 0
         assert s["per_contender"][n]["cpu_s"]["median"] > 0
         st = s["stages"][n]
-        for stage in ("OWL-ViT", "Grounding DINO", "Siamese", "CLIP", "WBF", "preprocess"):
+        for stage in ("OWL-ViT", "Grounding DINO", "Siamese", "WBF", "preprocess"):
             assert st[stage]["median_s"] > 0, (n, stage)
+        if s["per_contender"][n]["clip_crops"]["median"] > 0:
+            assert st["CLIP"]["median_s"] > 0 and st["CLIP"]["gflop_per_pair"] > 0
         assert st["Grounding DINO"]["gflop_per_pair"] > 0 and st["Grounding DINO"]["gflops_per_s"] > 0
     assert s["ratios"]["reference/sdrun-fp32"]["median_paired"] > 0
     assert data["flops"]["peak"]["fp32_gflops"] > 0
