@@ -4,10 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# Remembered bundle digests go to a per-session folder, never the user's ~/.cache.
+os.environ["SPOTDIFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="spotdiff-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -63,6 +63,72 @@ def test_tampered_file_is_named(bundle_copy):
     assert "visual.onnx" in res.stderr and "Traceback" not in res.stderr
 
 
+class CountingHash:
+    def __init__(self, monkeypatch):
+        import sdrun.bundle
+        import sdrun.digests
+
+        self.calls = 0
+        real = sdrun.digests.sha256_file
+
+        def counting(path, *a, **k):
+            self.calls += 1
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(sdrun.digests, "sha256_file", counting)
+        monkeypatch.setattr(sdrun.bundle, "sha256_file", counting)
+
+
+def test_digests_are_remembered_until_a_file_changes(bundle_copy, tmp_path, monkeypatch):
+    """The second load hashes nothing; a file rewritten with its old mtime and size is still
+    caught (its ctime moved), and only that file is hashed again."""
+    import os
+
+    monkeypatch.setenv("SPOTDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    hashes = CountingHash(monkeypatch)
+    n_files = len(_manifest(bundle_copy)["files"])
+    Bundle.load(bundle_copy)
+    assert hashes.calls == n_files
+    Bundle.load(bundle_copy)
+    assert hashes.calls == n_files  # all remembered
+
+    target = bundle_copy / "siamese" / "pair.onnx"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    with pytest.raises(BundleError, match=r"siamese/pair\.onnx: sha256 .* altered or corrupted"):
+        Bundle.load(bundle_copy)
+    assert hashes.calls == n_files + 1
+
+
+def test_digest_cache_never_condemns_or_breaks_a_load(bundle_copy, tmp_path, monkeypatch):
+    """A garbage cache file is ignored; a remembered digest that disagrees with the manifest
+    is re-checked from the file, not trusted; SPOTDIFF_DIGEST_CACHE=0 hashes every time."""
+    from sdrun.digests import CACHE_FILE, DigestCache, signature
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPOTDIFF_CACHE_DIR", str(cache))
+    cache.mkdir()
+    (cache / CACHE_FILE).write_text("{not json")
+    Bundle.load(bundle_copy)
+    d = DigestCache()
+    target = (bundle_copy / "clip" / "visual.onnx").resolve()
+    assert d.entries[str(target)]["sig"] == signature(target)
+    d.entries[str(target)]["sha256"] = "0" * 64  # a stale or wrong remembered digest
+    d.dirty = True
+    d.save()
+    Bundle.load(bundle_copy)  # re-hashed, matches the manifest: loads
+    assert DigestCache().entries[str(target)]["sha256"] == _manifest(bundle_copy)["files"]["clip/visual.onnx"]["sha256"]
+
+    monkeypatch.setenv("SPOTDIFF_DIGEST_CACHE", "0")
+    hashes = CountingHash(monkeypatch)
+    Bundle.load(bundle_copy)
+    Bundle.load(bundle_copy)
+    assert hashes.calls == 2 * len(_manifest(bundle_copy)["files"])
+
+
 def test_missing_file_is_named(bundle_copy):
     (bundle_copy / "owlvit" / "query_embeds.npy").unlink()
     with pytest.raises(BundleError, match=r"owlvit/query_embeds\.npy: missing"):

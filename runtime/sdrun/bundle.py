@@ -1,7 +1,8 @@
 """The bundle: a folder with `manifest.json` and the files it names.
 
 Loading validates it: the schema version, that every named file lies inside the
-folder, exists and has the recorded sha256. Arrays are `.npy`/`.npz` read with
+folder, exists and has the recorded sha256 (hashed once, then remembered while the file's
+stat signature is unchanged: see `digests`). Arrays are `.npy`/`.npz` read with
 `allow_pickle=False`; there are no pickles in a bundle.
 """
 from __future__ import annotations
@@ -14,19 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from .digests import DigestCache, sha256_file  # noqa: F401  (sha256_file: used by sdexport)
 from .errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_NAMES = ("owlvit", "gdino", "siamese", "clip")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_inside(root: Path, rel: str) -> Path:
@@ -73,16 +67,28 @@ class Bundle:
         if not isinstance(files, dict) or not files:
             raise BundleError(f"{mpath}: no 'files' table")
         bundle = cls(root=root, manifest=manifest)
-        for rel, meta in files.items():
-            path = resolve_inside(root, rel)
-            if not path.is_file():
-                raise BundleError(f"{root / rel}: missing (named in {mpath})")
-            if verify:
-                digest = sha256_file(path)
-                if digest != meta.get("sha256"):
+        digests = DigestCache() if verify else None
+        try:
+            for rel, meta in files.items():
+                path = resolve_inside(root, rel)
+                if not path.is_file():
+                    raise BundleError(f"{root / rel}: missing (named in {mpath})")
+                if digests is None:
+                    continue
+                expected = meta.get("sha256") if isinstance(meta, dict) else None
+                hashed_before = digests.hashed
+                digest = digests.sha256(path)
+                if digest != expected and digests.hashed == hashed_before:
+                    # a remembered digest never condemns a file: hash it again
+                    digests.forget(path)
+                    digest = digests.sha256(path)
+                if digest != expected:
                     raise BundleError(
                         f"{root / rel}: sha256 {digest[:12]}... does not match the manifest's "
-                        f"{str(meta.get('sha256'))[:12]}...: the file was altered or corrupted")
+                        f"{str(expected)[:12]}...: the file was altered or corrupted")
+        finally:
+            if digests is not None:
+                digests.save()
         # every file a model entry names must be listed (and so verified)
         for rel in bundle._named_files(manifest.get("models", {})):
             if rel not in files:
