@@ -170,7 +170,7 @@ def _pipeline(bundle, provider, threads, params):
     if unknown:
         raise click.BadParameter(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: "
                                  f"{', '.join(sorted(known))}")
-    return pipe
+    return pipe.open_sessions()
 
 
 @main.command()

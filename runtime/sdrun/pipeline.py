@@ -160,6 +160,22 @@ class Pipeline:
         return cls(bundle, provider=provider, params=params, threads=threads,
                    allow_onnx_fallback=allow_onnx_fallback)
 
+    def open_sessions(self, parallel: bool = True) -> "Pipeline":
+        """Create every model's onnxruntime session now instead of at its first use (a
+        server does this before it takes traffic), several at once: onnxruntime builds
+        them without holding the GIL. Returns the pipeline."""
+        models = [m for m in (self.owl_image, self.gdino, self.siamese, self.clip)
+                  if m is not None and hasattr(m, "session")]
+        if parallel and len(models) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(models)) as pool:
+                list(pool.map(lambda m: m.session, models))
+        else:
+            for m in models:
+                m.session  # noqa: B018
+        return self
+
     # ---- stages -------------------------------------------------------------------
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Fused TTA: each image and its mirror image through every detector, in one call
