@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from common import (CONTENDERS, PARAM_HELP, RESULTS, bundle_label, int8_bundle_for,
-                    load_contenders, machine, make_pairs, md_table, parse_params, pyplot,
-                    save_partial, write_outputs)
+from common import (CONTENDERS, add_common_args, bundle_label, int8_bundle_for, load_contenders,
+                    machine, make_pairs, md_table, parse_params, publish, pyplot, save_partial)
 
 MATCH_IOU = 0.5
 
@@ -218,26 +217,10 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--synthetic-only", action="store_true")
-    ap.add_argument("--contenders", default="torch,sdrun-fp32,sdrun-int8")
-    ap.add_argument("--int8", default="auto", help="int8 bundle: a path, 'auto' or 'none'")
+    add_common_args(ap, pairs=3, contenders="torch,sdrun-fp32,sdrun-int8")
     ap.add_argument("--from-latency", type=Path, help="reuse the answers of a latency run")
-    ap.add_argument("--param", action="append", metavar="KEY=VALUE", help=PARAM_HELP)
-    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=1, help="(ignored: answers do not repeat)")
-    ap.add_argument("--name", help="output name (default accuracy_<bundle folder>)")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    report = run(args)
-    md = markdown(report)
-    write_outputs(args.out_dir, args.name or f"accuracy_{args.bundle.name}", report, md,
-                  lambda p: plot(report, p))
-    print(md)
-    return 0
-
+    return publish(args, "accuracy", run(args), markdown, plot)
 
 if __name__ == "__main__":
     raise SystemExit(main())

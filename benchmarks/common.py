@@ -298,11 +298,7 @@ def load_contenders(bundle: Path, int8: Path | None, which, timer: StageTimer = 
         if name not in which or path is None:
             continue
         t0 = time.perf_counter()
-        pipe = Pipeline.load(path, provider=provider, threads=THREADS, params=params)
-        for attr in MODEL_STAGES:  # sessions are created lazily: create them now
-            model = getattr(pipe, attr, None)
-            if model is not None and hasattr(model, "session"):
-                model.session  # noqa: B018
+        pipe = Pipeline.load(path, provider=provider, threads=THREADS, params=params).open_sessions()
         loads[name] = time.perf_counter() - t0
         instrument_pipeline(pipe, timer)
         out.append(Contender(name, pipe.diff, DESCRIBE[name], list(pipe.labels)))
@@ -384,6 +380,33 @@ def write_outputs(out_dir: Path, name: str, report: dict, markdown: str, plot=No
             plot(out_dir / f"{name}.png")
         except Exception as e:  # noqa: BLE001 - a chart must not lose the numbers
             print(f"warning: no chart ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def add_common_args(ap, pairs: int = 3, contenders: str | None = None) -> None:
+    """The options every pipeline benchmark shares: the bundle, the pairs, the contenders,
+    parameter overrides, the provider and where the results go."""
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--pairs", type=int, default=pairs, help="pairs (the 2 real ones first)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--synthetic-only", action="store_true", help="leave the 2 real pairs out")
+    ap.add_argument("--contenders", default=contenders or ",".join(CONTENDERS))
+    ap.add_argument("--int8", default="auto", help="int8 bundle: a path, 'auto' "
+                    "(<bundle>-int8, made once if missing) or 'none'")
+    ap.add_argument("--param", action="append", metavar="KEY=VALUE", help=PARAM_HELP)
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: sdrun with onnxruntime's CUDA provider, PyTorch on the GPU")
+    ap.add_argument("--name", help="output name (default <benchmark>_<bundle folder>)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+
+
+def publish(args, benchmark: str, report: dict, markdown_fn, plot_fn=None) -> int:
+    """Write `<name>.json/.md/.png` (name: --name or <benchmark>_<bundle folder>), print the
+    table last; the exit status of a benchmark's main()."""
+    md = markdown_fn(report)
+    name = args.name or f"{benchmark}_{args.bundle.name}"
+    write_outputs(args.out_dir, name, report, md, (lambda p: plot_fn(report, p)) if plot_fn else None)
+    print(md)
+    return 0
 
 
 def save_partial(out_dir: Path, name: str, report: dict) -> None:

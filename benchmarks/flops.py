@@ -20,7 +20,6 @@ import common  # noqa: F401  (first: thread settings)
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path

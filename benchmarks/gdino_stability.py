@@ -18,7 +18,6 @@ from __future__ import annotations
 import common  # noqa: F401
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(THREADS)
     from sdexport.reference_fast import FastPipeline
-    from sdrun import detect
     from sdrun.pipeline import Pipeline
 
     fast = FastPipeline(args.bundle)

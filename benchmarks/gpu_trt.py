@@ -224,7 +224,7 @@ def cmd_latency(a):
                 n = PER_PAIR[(model, graph)] * pairs
                 feeds = graph_inputs(bundle, model, graph, n)
                 try:
-                    t = timed(lambda: sess.run(feeds), min_s=a.min_s)
+                    t = timed(lambda s=sess: s.run(feeds), min_s=a.min_s)
                 except Exception as e:  # noqa: BLE001
                     res["errors"][f"{backend} {name} x{pairs}"] = f"{type(e).__name__}: {str(e)[:300]}"
                     continue
@@ -317,7 +317,7 @@ def cmd_tflops(a):
             try:
                 sess = (TorchRunner(module, names, backend == "torch-fp16")
                         if backend.startswith("torch") else sessions(bundle, root, backend, model, graph))
-                t = timed(lambda: sess.run(feeds), min_s=a.min_s)
+                t = timed(lambda s=sess: s.run(feeds), min_s=a.min_s)
                 # engine-only time: device-resident inputs would remove the copies; report both
                 tf = flops / (t["median_ms"] / 1e3) / 1e12
                 entry["backends"][backend] = {**t, "tflops": tf,

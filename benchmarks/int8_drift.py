@@ -12,7 +12,6 @@ from __future__ import annotations
 import common  # noqa: F401
 
 import argparse
-import json
 from pathlib import Path
 
 from common import RESULTS, machine, md_table, write_outputs

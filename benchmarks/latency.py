@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (CONTENDERS, FAIRNESS_NOTE, PARAM_HELP, RESULTS, STAGE_ORDER, TIMER,
-                    bundle_label, clip_calls, fmt_s, int8_bundle_for, load_contenders, machine,
-                    make_pairs, md_table, median, parse_params, pyplot, save_partial, summary,
-                    write_outputs)
+from common import (CONTENDERS, FAIRNESS_NOTE, STAGE_ORDER, TIMER, add_common_args, bundle_label,
+                    clip_calls, fmt_s, int8_bundle_for, load_contenders, machine, make_pairs,
+                    md_table, median, parse_params, publish, pyplot, save_partial, summary)
 
 VIEWS = 4  # a, flip(a), b, flip(b)
 
@@ -309,23 +308,12 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--pairs", type=int, default=3, help="timed pairs (the 2 real ones first)")
+    add_common_args(ap, pairs=3)
     ap.add_argument("--repeats", type=int, default=1, help="passes over the pairs")
     ap.add_argument("--warmup", type=int, default=1, help="untimed pairs first")
     ap.add_argument("--warmup-on", choices=["synthetic", "timed"], default="synthetic",
                     help="warm up on other synthetic pairs, or on the last timed pair(s)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--synthetic-only", action="store_true", help="leave the 2 real pairs out")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
-    ap.add_argument("--int8", default="auto", help="int8 bundle: a path, 'auto' "
-                    "(<bundle>-int8, made once if missing) or 'none'")
     ap.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    ap.add_argument("--param", action="append", metavar="KEY=VALUE", help=PARAM_HELP)
-    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
-                    help="cuda: sdrun with onnxruntime's CUDA provider, PyTorch on the GPU")
-    ap.add_argument("--name", help="output name (default latency_<bundle folder>)")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in <out-dir>/<name>.json (same pairs) and add the rest")
     ap.add_argument("--render", type=Path, metavar="JSON",
@@ -337,11 +325,7 @@ def main(argv=None) -> int:
         report["summary"] = summarise(report, names)
     else:
         report = run(args)
-    md = markdown(report)
-    name = args.name or f"latency_{args.bundle.name}"
-    write_outputs(args.out_dir, name, report, md, lambda p: plot(report, p))
-    print(md)
-    return 0
+    return publish(args, "latency", report, markdown, plot)
 
 
 if __name__ == "__main__":

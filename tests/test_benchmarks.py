@@ -109,3 +109,19 @@ def test_flop_formulas():
 def test_gpu_script_is_valid_bash():
     p = subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_update_readme_fills_only_the_marked_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- benchmarks:begin -->\nold table\n<!-- benchmarks:end -->\nafter\n")
+    res = BENCH / "results"
+    name = sorted(p.stem for p in res.glob("*.md"))[0]  # any committed result
+    p = subprocess.run([sys.executable, str(BENCH / "update_readme.py"), name, "--readme", str(readme)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n<!-- benchmarks:begin -->\n") and text.endswith("<!-- benchmarks:end -->\nafter\n")
+    assert "old table" not in text and (res / f"{name}.md").read_text().strip() in text
+    p = subprocess.run([sys.executable, str(BENCH / "update_readme.py"), "no_such_result",
+                        "--readme", str(readme)], capture_output=True, text=True)
+    assert p.returncode != 0 and "no_such_result.md: missing" in p.stderr

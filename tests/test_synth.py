@@ -33,7 +33,7 @@ def test_write_is_deterministic_and_pairs_independent_of_n(tmp_path):
     a = write_synthetic_pairs(tmp_path / "a", 6, seed=3)
     b = write_synthetic_pairs(tmp_path / "b", 6, seed=3)
     c = write_synthetic_pairs(tmp_path / "c", 3, seed=3)
-    d = write_synthetic_pairs(tmp_path / "d", 3, seed=4)
+    write_synthetic_pairs(tmp_path / "d", 3, seed=4)
     assert a == tmp_path / "a" / "labels.csv"
     assert a.read_bytes() == b.read_bytes()
     files = sorted(p.name for p in (tmp_path / "a" / "data").iterdir())

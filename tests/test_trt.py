@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import numpy as np
 import pytest

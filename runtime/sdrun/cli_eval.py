@@ -114,7 +114,6 @@ def register(group) -> None:
         eval with other --param values) runs no model again. The truth is normalised
         with the synonym map unless --raw-labels.
         """
-        from pathlib import Path
 
         from .evaluate import evaluate, load_labelled, write_report
         from .tune import split_ids

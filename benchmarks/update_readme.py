@@ -1,0 +1,52 @@
+"""Paste the committed benchmark tables into README.md, between the markers
+`<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->`.
+
+    python benchmarks/update_readme.py [NAME ...]     # default: the full-random results
+
+Each NAME is a `benchmarks/results/<NAME>.md` written by a benchmark script; a missing one
+is an error (run its benchmark first). Everything outside the markers is left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+DEFAULT = ["latency_full", "latency_full-owl", "accuracy_full", "coldstart_full", "int8_drift_full-int8"]
+
+
+def block(names: list[str]) -> str:
+    parts = []
+    for name in names:
+        path = RESULTS / f"{name}.md"
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing; run the benchmark that writes it first")
+        text = path.read_text().strip()
+        # results start at "###": below the README's "## Benchmarks"
+        parts.append(text + f"\n\n(`benchmarks/results/{name}.json` has the raw numbers"
+                     + (f", `{name}.png` the chart" if (RESULTS / f"{name}.png").is_file() else "")
+                     + ".)")
+    return "\n\n".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", default=DEFAULT)
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = ap.parse_args(argv)
+    text = args.readme.read_text()
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        print(f"{args.readme}: no {BEGIN} ... {END} block to fill", file=sys.stderr)
+        return 2
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    args.readme.write_text(f"{head}{BEGIN}\n{block(args.names)}\n{END}{tail}")
+    print(f"{args.readme}: {len(args.names)} tables")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
