@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-DEFAULT = ["latency_full", "latency_full-owl", "accuracy_full", "coldstart_full", "int8_drift_full-int8"]
+DEFAULT = ["latency_full", "latency_full-owl", "accuracy_full", "accuracy_full-synthetic",
+           "coldstart_full", "coldstart_full-int8", "int8_drift_full-int8", "profile_gdino_full"]
 
 
 def block(names: list[str]) -> str:
