@@ -26,7 +26,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from common import (CONTENDERS, add_common_args, bundle_label, int8_bundle_for, load_contenders,
-                    machine, make_pairs, md_table, parse_params, publish, pyplot, save_partial)
+                    machine, make_pairs, md_table, parse_params, publish, pyplot, save_figure,
+                    save_partial)
 
 MATCH_IOU = 0.5
 
@@ -209,9 +210,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(f"agreement with the PyTorch reference: {report['bundle_label']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -221,6 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--from-latency", type=Path, help="reuse the answers of a latency run")
     args = ap.parse_args(argv)
     return publish(args, "accuracy", run(args), markdown, plot)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -34,7 +34,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from common import RESULTS, THREADS, bundle_label, machine, md_table, pyplot, summary, write_outputs
+from common import (RESULTS, THREADS, bundle_label, machine, md_table, publish, pyplot,
+                    save_figure, summary)
 
 CHILD_PRELUDE = textwrap.dedent("""
     import json, os, sys, time
@@ -50,10 +51,9 @@ CHILD_PRELUDE = textwrap.dedent("""
 CHILD = {
     "sdrun": textwrap.dedent("""
         import numpy
-        from sdrun.bundle import Bundle
         from sdrun.pipeline import Pipeline
         t_import = time.perf_counter()
-        pipe = Pipeline.load(Bundle.load(BUNDLE, verify=VERIFY), provider=PROVIDER, threads=THREADS)
+        pipe = Pipeline.load(BUNDLE, provider=PROVIDER, threads=THREADS)
         pipe.open_sessions()   # sessions are otherwise created at first use
         t_load = time.perf_counter()
         def first(a, b):
@@ -86,18 +86,18 @@ CHILD_END = textwrap.dedent("""
     print("RESULT " + json.dumps(out))
 """)
 
-VARIANTS = {  # name: (child, verify, extra environment)
-    "sdrun": ("sdrun", True, {}),
-    "sdrun (first load)": ("sdrun", True, {"SPOTDIFF_DIGEST_CACHE": "0", "SPOTDIFF_GRAPH_CACHE": "0"}),
-    "torch": ("torch", True, {}),
+VARIANTS = {  # name: (child, extra environment)
+    "sdrun": ("sdrun", {}),
+    "sdrun (first load)": ("sdrun", {"SPOTDIFF_DIGEST_CACHE": "0", "SPOTDIFF_GRAPH_CACHE": "0"}),
+    "torch": ("torch", {}),
 }
 # the benchmark's own digest cache, filled by the warm-up trials (not the user's ~/.cache)
 DIGEST_CACHE = tempfile.mkdtemp(prefix="spotdiff-coldstart-")
 
 
-def trial(kind: str, verify: bool, bundle: Path, first_pair: bool, provider: str = "cpu",
+def trial(kind: str, bundle: Path, first_pair: bool, provider: str = "cpu",
           env: dict | None = None) -> dict:
-    code = (CHILD_PRELUDE + f"BUNDLE = {str(bundle)!r}\nVERIFY = {verify!r}\nTHREADS = {THREADS}\n"
+    code = (CHILD_PRELUDE + f"BUNDLE = {str(bundle)!r}\nTHREADS = {THREADS}\n"
             f"PROVIDER = {provider!r}\n"
             f"FIRST_PAIR = {first_pair!r}\n" + CHILD[kind] + CHILD_END)
     t0 = time.perf_counter()
@@ -122,13 +122,13 @@ def run(args) -> dict:
               "repeats": args.repeats, "first_pair": args.first_pair, "provider": args.provider,
               "trials": []}
     for v in variants:  # warm the page cache for everyone; not counted
-        kind, verify, env = VARIANTS[v]
-        r = trial(kind, verify, args.bundle, False, args.provider, env)
+        kind, env = VARIANTS[v]
+        r = trial(kind, args.bundle, False, args.provider, env)
         log(f"[warm-up] {v}: import {r['import_s']:.2f} s, load {r['load_s']:.2f} s")
     for i in range(args.repeats):
         for v in variants:
-            kind, verify, env = VARIANTS[v]
-            r = trial(kind, verify, args.bundle, args.first_pair, args.provider, env)
+            kind, env = VARIANTS[v]
+            r = trial(kind, args.bundle, args.first_pair, args.provider, env)
             report["trials"].append({"variant": v, "repeat": i, **r})
             log(f"[{i + 1}/{args.repeats}] {v}: import {r['import_s']:.2f} s, load {r['load_s']:.2f} s, "
                 f"peak RSS {r['peak_rss_load_mib']:.0f} MiB"
@@ -206,9 +206,7 @@ def plot(report: dict, path: Path) -> None:
     a2.invert_yaxis()
     a2.set_xlabel("peak RSS after load (MiB)")
     a2.set_title("memory")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -219,17 +217,10 @@ def main(argv=None) -> int:
     ap.add_argument("--first-pair", action="store_true", help="also time a first pair per process")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--pairs", type=int, default=0, help="(ignored; see --first-pair)")
     ap.add_argument("--name", help="output name (default coldstart_<bundle folder>)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    report = run(args)
-    md = markdown(report)
-    write_outputs(args.out_dir, args.name or f"coldstart_{args.bundle.name}", report, md,
-                  lambda p: plot(report, p))
-    print(md)
-    return 0
-
+    return publish(args, "coldstart", run(args), markdown, plot)
 
 if __name__ == "__main__":
     raise SystemExit(main())

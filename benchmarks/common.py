@@ -436,6 +436,12 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
     align = align or ("l" + "r" * (len(header) - 1))
     sep = ["---:" if a == "r" else "---" for a in align]

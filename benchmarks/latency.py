@@ -35,7 +35,8 @@ import numpy as np
 
 from common import (CONTENDERS, FAIRNESS_NOTE, STAGE_ORDER, TIMER, add_common_args, bundle_label,
                     clip_calls, fmt_s, int8_bundle_for, load_contenders, machine, make_pairs,
-                    md_table, median, parse_params, publish, pyplot, save_partial, summary)
+                    md_table, median, parse_params, publish, pyplot, save_figure, save_partial,
+                    summary)
 
 VIEWS = 4  # a, flip(a), b, flip(b)
 
@@ -300,9 +301,7 @@ def plot(report: dict, path: Path) -> None:
     ax2.set_xlabel("seconds per pair (median per stage)")
     ax2.set_title("where the time goes")
     ax2.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -65,7 +65,6 @@ def test_tampered_file_is_named(bundle_copy):
 
 class CountingHash:
     def __init__(self, monkeypatch):
-        import sdrun.bundle
         import sdrun.digests
 
         self.calls = 0
@@ -76,7 +75,6 @@ class CountingHash:
             return real(path, *a, **k)
 
         monkeypatch.setattr(sdrun.digests, "sha256_file", counting)
-        monkeypatch.setattr(sdrun.bundle, "sha256_file", counting)
 
 
 def test_digests_are_remembered_until_a_file_changes(bundle_copy, tmp_path, monkeypatch):

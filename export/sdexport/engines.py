@@ -213,6 +213,22 @@ def weakly_typed(trt) -> bool:
     return hasattr(trt.BuilderFlag, "FP16")
 
 
+def _parse_onnx(trt, builder, logger, source: Path, onnx_path: Path, strongly_typed: bool = False):
+    """(network, parser) of the graph file `source`; errors name `onnx_path`, the bundle's graph."""
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    # returned too: the parser owns weights the network points to, so keep it while the network is used
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {errs}")
+    return network, parser
+
+
 def build_engine(trt, onnx_path: Path, profiles: dict, precision: str, rules: tuple[str, ...],
                  workspace_gb: float = 8.0, opt_level: int | None = None,
                  scratch: Path | None = None, timing: dict | None = None
@@ -222,19 +238,11 @@ def build_engine(trt, onnx_path: Path, profiles: dict, precision: str, rules: tu
     builder = trt.Builder(logger)
     fp16 = precision == "fp16" and "all" not in rules
     weak = weakly_typed(trt)
-    flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    source, pinned = onnx_path, {}
+    source, pinned, strongly_typed = onnx_path, {}, False
     if fp16 and not weak:
         source, pinned = _fp16_onnx(onnx_path, rules, scratch)
-        if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(source)):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {errs}")
+        strongly_typed = True
+    network, parser = _parse_onnx(trt, builder, logger, source, onnx_path, strongly_typed)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if opt_level is not None:
@@ -281,14 +289,7 @@ def network_inputs(trt, onnx_path: Path) -> dict[str, tuple]:
     """Input names and shapes (-1: dynamic) as TensorRT's parser sees them."""
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
-    flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {errs}")
+    network, parser = _parse_onnx(trt, builder, logger, onnx_path, onnx_path)
     return {network.get_input(i).name: tuple(network.get_input(i).shape)
             for i in range(network.num_inputs)}
 

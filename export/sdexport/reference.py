@@ -149,19 +149,7 @@ class ReferencePipeline:
     # ---- CLIP, per candidate pair -------------------------------------------------
     @torch.inference_mode()
     def clip_embed(self, image: np.ndarray, box) -> torch.Tensor:
-        h, w = image.shape[:2]
-
-        def axis(lo, hi, size):
-            lo, hi = _pixel(lo, size), _pixel(hi, size)
-            if hi <= lo:
-                lo = min(lo, size - 1)
-                hi = lo + 1
-            return lo, hi
-
-        y0, y1 = axis(box[1], box[3], h)
-        x0, x1 = axis(box[0], box[2], w)
-        crop = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
-        e = self.clip.encode_image(self.clip_tf(crop)[None].to(self.device))
+        e = self.clip.encode_image(self.clip_tf(crop_box(image, box))[None].to(self.device))
         return torch.nn.functional.normalize(e, dim=-1)[0].cpu()
 
     # ---- one pair -------------------------------------------------------------------
@@ -212,6 +200,22 @@ def _pixel(x: float, size: int) -> int:
     """A box edge as a pixel index: floor, with edges within 1e-3 px below a whole pixel
     counted as on it (the runtime's rule, written out independently)."""
     return int(min(max(np.floor(float(x) + 1e-3), 0), size))
+
+
+def crop_box(image: np.ndarray, box) -> Image.Image:
+    """The crop CLIP embeds for a box in pixels: edges by `_pixel`, at least 1 px."""
+    h, w = image.shape[:2]
+
+    def axis(lo, hi, size):
+        lo, hi = _pixel(lo, size), _pixel(hi, size)
+        if hi <= lo:
+            lo = min(lo, size - 1)
+            hi = lo + 1
+        return lo, hi
+
+    y0, y1 = axis(box[1], box[3], h)
+    x0, x1 = axis(box[0], box[2], w)
+    return Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
 
 
 def _iou(a, b) -> float:

@@ -27,7 +27,7 @@ from sdrun import heatmap as sd_heatmap
 from sdrun import matching as sd_matching
 
 from .models import owlvit as owlvit_model
-from .reference import ReferencePipeline, _pixel
+from .reference import ReferencePipeline, crop_box
 
 CLIP_CHUNK = 64
 
@@ -135,7 +135,7 @@ class FastPipeline(ReferencePipeline):
     @torch.inference_mode()
     def clip_batch(self, images, boxes_px) -> list[np.ndarray]:
         with self.timer.stage("preprocess"):
-            crops = [self.clip_tf(_crop(im, box)) for im, bx in zip(images, boxes_px) for box in bx]
+            crops = [self.clip_tf(crop_box(im, box)) for im, bx in zip(images, boxes_px) for box in bx]
         counts = [len(bx) for bx in boxes_px]
         if not crops:
             return [np.zeros((0, 0), np.float32) for _ in images]
@@ -170,19 +170,3 @@ class FastPipeline(ReferencePipeline):
             "boxes": (pa, pb), "labels": (la, lb), "scores": (sa, sb), "fused": (fa, fb),
             "pairs": m.pairs, "change_logit": logit,
         }
-
-
-def _crop(image: np.ndarray, box) -> Image.Image:
-    """The reference's crop rule (`ReferencePipeline.clip_embed`)."""
-    h, w = image.shape[:2]
-
-    def axis(lo, hi, size):
-        lo, hi = _pixel(lo, size), _pixel(hi, size)
-        if hi <= lo:
-            lo = min(lo, size - 1)
-            hi = lo + 1
-        return lo, hi
-
-    y0, y1 = axis(box[1], box[3], h)
-    x0, x1 = axis(box[0], box[2], w)
-    return Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -77,7 +78,7 @@ def create_session(ort, graph: Path, opts, providers: list):
             except OSError:
                 pass
             opts.graph_optimization_level = ort.GraphOptimizationLevel(level)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.ort")
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp.ort")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         opts.optimized_model_filepath = str(tmp)
