@@ -5,7 +5,8 @@
 Each trial is a fresh Python process (interleaved: sdrun, PyTorch, sdrun, PyTorch, ...,
 after one untimed trial of each so that the files are in the page cache for everyone):
 
-- sdrun:   `import sdrun` (numpy, onnxruntime, OpenCV, scipy) + `Pipeline.load(bundle)`,
+- sdrun:   `import sdrun` with what a run needs (numpy, onnxruntime, OpenCV, scipy's
+           solver: sdrun itself loads them lazily) + `Pipeline.load(bundle)`,
            which verifies every file against the manifest's sha256, and
            `open_sessions()`, which creates every onnxruntime session (in parallel). As on
            any start after the bundle's first on a machine, the digests of unchanged files
@@ -50,7 +51,7 @@ CHILD_PRELUDE = textwrap.dedent("""
 
 CHILD = {
     "sdrun": textwrap.dedent("""
-        import numpy
+        import numpy, onnxruntime, scipy.optimize
         from sdrun.pipeline import Pipeline
         t_import = time.perf_counter()
         pipe = Pipeline.load(BUNDLE, provider=PROVIDER, threads=THREADS)

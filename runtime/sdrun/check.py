@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from .bundle import Bundle
+from .matching import linear_sum_assignment
 from .session import open_graph
 
 DEFAULT_REL_L2 = 1e-5

@@ -4,9 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from .fusion import iou_matrix
+
+
+def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scipy's Hungarian solver, imported on first use: `import scipy.optimize` takes
+    ~0.7 s, more than the rest of `import sdrun`."""
+    from scipy.optimize import linear_sum_assignment as solve
+
+    return solve(cost)
 
 
 @dataclass

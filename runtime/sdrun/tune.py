@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from . import heatmap
 from .errors import SpotdiffError
 from .fusion import iou_matrix
+from .matching import linear_sum_assignment
 from .pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
 from .score import Sets, score_sets
 from .vocab import normalize_label
