@@ -12,7 +12,8 @@ pytest.importorskip("onnx")
 from click.testing import CliRunner  # noqa: E402
 
 from sdexport.cli import main as sdexport_main  # noqa: E402
-from sdexport.quantize import INT8_TOLERANCE, int8_name, quantize_bundle  # noqa: E402
+from sdexport.quantize import INT8_TOLERANCE, int8_name, max_abs_int8_weight, quantize_bundle  # noqa: E402
+from sdrun.cpu import EXACT_WEIGHT_LIMIT, int8_kernel, isa_summary  # noqa: E402
 from sdrun.bundle import Bundle  # noqa: E402
 from sdrun.check import DEFAULT_REL_L2, check_bundle  # noqa: E402
 
@@ -39,11 +40,17 @@ def test_int8_bundle_manifest(int8_bundle, tiny_bundle):
             assert g["precision"] == "int8"
             assert g["tolerance"]["rel_l2"] == INT8_TOLERANCE[(model, graph)]
             assert g["quantization"]["weight_type"] == "qint8"
+            # 7-bit weights: exact on every x86 int8 kernel, VNNI or not (sdrun/cpu.py)
+            assert g["quantization"]["reduce_range"] is True
+            assert g["quantization"]["max_abs_weight"] == max_abs_int8_weight(b.path(g["file"]))
+            assert 0 < g["quantization"]["max_abs_weight"] <= EXACT_WEIGHT_LIMIT
             fp32_file = fp32.model(model)["graphs"][graph]["file"]
             assert fp32_file not in b.manifest["files"]  # no fp32 graphs in an int8 bundle
             assert not (int8_bundle / fp32_file).exists()
             ops = {n.op_type for n in onnx.load(str(b.path(g["file"]))).graph.node}
             assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}, (model, graph)
+    host = b.manifest["build"]["quantized_on"]
+    assert host["int8_kernel"] == int8_kernel() and host["isa"] == isa_summary()
     # the fp32 bundle is untouched
     assert fp32.manifest.get("precision", "fp32") == "fp32"
     Bundle.load(tiny_bundle)
@@ -66,6 +73,23 @@ def test_sdrun_check_cli_prints_int8_tolerance(int8_bundle):
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert rows and all(r["precision"] == "int8" and r["ok"] for r in rows)
     assert {r["tolerance"] for r in rows} <= set(INT8_TOLERANCE.values())
+
+
+def test_info_says_where_int8_was_quantised(int8_bundle, tiny_bundle, tmp_path):
+    from conftest import run_without_torch
+
+    p = run_without_torch(["info", str(int8_bundle)])
+    assert p.returncode == 0, p.stderr
+    assert f"int8 kernel {int8_kernel()}" in p.stdout and "quantised on" in p.stdout
+    assert "computed exactly by this CPU's kernel" in p.stdout
+    assert "weights up to |" in p.stdout
+
+    # an older int8 bundle with 8-bit weights warns on a CPU whose kernel clips them
+    old = tmp_path / "old"
+    quantize_bundle(tiny_bundle, old, log=lambda s: None, reduce_range=False)
+    p = run_without_torch(["info", str(old)])
+    clips = int8_kernel() in ("avx2", "avx512bw")
+    assert ("WARNING" in p.stdout) is clips, p.stdout
 
 
 def test_build_precision_option_checks_target(tmp_path):

@@ -7,6 +7,7 @@ import sys
 import click
 
 from .bundle import Bundle
+from .cpu import graph_max_abs_weight
 from .errors import SpotdiffError
 
 
@@ -48,6 +49,8 @@ def check(bundle, provider, models, as_json):
     from .check import check_bundle
 
     failed = 0
+    if not as_json and b.manifest.get("precision") == "int8":
+        click.echo(int8_summary(b))
     if not as_json:
         click.echo(f"{'model':8} {'graph':6} {'case':6} {'output':14} {'shape':18} "
                    f"{'max_abs':>10} {'rel_l2':>10} {'tol':>8}  ok")
@@ -81,6 +84,8 @@ def info(bundle, as_json):
     tools = m.get("tools", {})
     click.echo("tools       " + ", ".join(f"{k} {v}" for k, v in tools.items()))
     click.echo(f"vocabulary  {len(m['vocabulary'])} labels: {' '.join(m['vocabulary'])}")
+    if m.get("precision") == "int8":
+        click.echo(int8_summary(b))
     for name, e in b.models.items():
         src = e.get("source", {})
         click.echo(f"\n[{name}] {src.get('kind', '?')}: {src.get('id', '')}")
@@ -89,6 +94,11 @@ def info(bundle, as_json):
             ins = ", ".join(f"{i['name']}{i['shape']}" for i in ge.get("inputs", []))
             outs = ", ".join(f"{o['name']}{o['shape']}" for o in ge.get("outputs", []))
             click.echo(f"  {g:6} {ge['file']} ({size:.1f} MB)\n         in: {ins}\n         out: {outs}")
+            if "quantization" in ge:
+                q = ge["quantization"]
+                click.echo(f"         int8: {q.get('weight_type')} weights up to "
+                           f"|{graph_max_abs_weight(ge)}|, per channel {q.get('per_channel')}, "
+                           f"tolerance rel_l2 {ge.get('tolerance', {}).get('rel_l2')}")
         if "preprocess" in e:
             click.echo(f"  preprocess {json.dumps(e['preprocess'])}")
     for key, eng in m.get("engines", {}).items():
@@ -103,6 +113,24 @@ def info(bundle, as_json):
     click.echo(f"\nparameters  {json.dumps(b.params)}")
     total = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files       {len(m['files'])}, {total / 1e6:.1f} MB")
+
+
+def int8_summary(b: Bundle) -> str:
+    """Where an int8 bundle was quantised, what this CPU's int8 kernel is, and whether that
+    kernel computes the bundle's weights exactly."""
+    from .cpu import cpu_info, int8_clipping_warning, int8_kernel, isa_summary
+
+    q = b.manifest.get("build", {}).get("quantized_on", {})
+    here = int8_kernel()
+    where = (f"{q.get('cpu', '?')} ({q.get('isa', '?')}; int8 kernel {q.get('int8_kernel', '?')})"
+             if q else "a CPU the bundle does not record (quantised by an older spotdiff)")
+    lines = [f"int8        quantised on {where}",
+             f"            this CPU: {cpu_info().get('model', '?')} ({isa_summary()}; int8 kernel {here})"]
+    warnings = [w for name, e in b.models.items() for g, ge in e.get("graphs", {}).items()
+                if (w := int8_clipping_warning(ge, f"{name}/{g}", here))]
+    lines += [f"            WARNING {w}" for w in warnings] or [
+        "            every int8 weight is computed exactly by this CPU's kernel"]
+    return "\n".join(lines)
 
 
 def _params(values: tuple[str, ...]) -> dict:

@@ -26,6 +26,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from .cpu import cpu_info
 from .digests import DigestCache, cache_dir
 
 SUBDIR = "ort-graphs"
@@ -38,15 +39,7 @@ def enabled() -> bool:
 @lru_cache(maxsize=1)
 def cpu_signature() -> str:
     """A short hash of the CPU's architecture and instruction-set flags."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                break
-    except OSError:
-        pass
-    return hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{platform.machine()}|{cpu_info().get('flags', '')}".encode()).hexdigest()[:12]
 
 
 def cache_key(graph_sha256: str, ort_version: str, level: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -136,4 +137,11 @@ def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
 
         return open_engine(bundle, model, graph, parse_provider(provider)[1],
                            allow_onnx_fallback=allow_onnx_fallback, group=group, threads=threads)
-    return OnnxModel(bundle.path(bundle.model(model)["graphs"][graph]["file"]), provider, threads)
+    entry = bundle.model(model)["graphs"][graph]
+    if provider == "cpu":
+        from .cpu import int8_clipping_warning
+
+        warning = int8_clipping_warning(entry, f"{model}/{graph}")
+        if warning:
+            warnings.warn(warning, RuntimeWarning, stacklevel=2)
+    return OnnxModel(bundle.path(entry["file"]), provider, threads)
