@@ -60,7 +60,10 @@ def machine() -> dict:
                 mem = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": mem, "threads": THREADS,
+    from sdrun.cpu import int8_kernel, isa_summary
+
+    info = {"cpu": cpu, "isa": isa_summary(), "int8_kernel": int8_kernel(),
+            "cpus": os.cpu_count(), "memory_gib": mem, "threads": THREADS,
             "python": platform.python_version(), "platform": platform.platform(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
                                                 "note": c.note}
     for name, g in graphs.items():
         q = quant.get(name, {})
-        g.update({k: q.get(k) for k in ("fp32_bytes", "int8_bytes", "weight_type", "per_channel")})
+        g.update({k: q.get(k) for k in ("fp32_bytes", "int8_bytes", "weight_type", "per_channel",
+                                        "reduce_range", "max_abs_weight")})
         worst = max(g["outputs"].items(), key=lambda kv: kv[1]["rel_l2"])[0]
         rows.append([name, f"{g['max_rel_l2']:.3f} ({worst})", f"{g['max_abs']:.3g}",
                      f"{g['tolerance']:.2f}", "yes" if g["ok"] else "NO",
@@ -49,8 +50,9 @@ def main(argv=None) -> int:
     report = {"benchmark": "int8_drift", "bundle": str(args.bundle), "machine": machine(),
               "graphs": graphs}
     md = (f"### int8 drift from PyTorch fp32 on the golden samples: {args.bundle}\n\n"
-          "onnxruntime dynamic quantisation (MatMul/Gemm weights QInt8 per channel, activations "
-          "quantised per call); every output compared with the PyTorch fp32 output recorded at "
+          "onnxruntime dynamic quantisation (MatMul/Gemm weights QInt8 per channel, "
+          f"{'7-bit (reduce_range)' if all(q.get('reduce_range') for q in quant.values()) else '8-bit'}"
+          ", activations quantised per call); every output compared with the PyTorch fp32 output recorded at "
           "build time (Grounding DINO after pairing its query slots).\n\n"
           + md_table(["graph", "max rel. L2 (output)", "max abs", "int8 tolerance", "ok", "MB fp32 -> int8"],
                      rows, "lrrrlr") + "\n")
