@@ -45,14 +45,9 @@ FAIRNESS_NOTE = (f"{THREADS} threads for every contender (torch.set_num_threads(
 # ---- the machine ---------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from sdrun.cpu import cpu_info, int8_kernel, isa_summary
+
+    cpu = cpu_info().get("model") or platform.processor() or platform.machine()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -60,8 +55,6 @@ def machine() -> dict:
                 mem = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    from sdrun.cpu import int8_kernel, isa_summary
-
     info = {"cpu": cpu, "isa": isa_summary(), "int8_kernel": int8_kernel(),
             "cpus": os.cpu_count(), "memory_gib": mem, "threads": THREADS,
             "python": platform.python_version(), "platform": platform.platform(),

@@ -92,6 +92,21 @@ def test_coldstart_smoke(tiny_bundle, tmp_path):
     assert data["ratios"]["peak_rss_sdrun_over_torch"] > 0
 
 
+def test_graph_speed_smoke(tiny_bundle, tmp_path):
+    from sdexport.quantize import quantize_bundle
+    from sdrun.cpu import int8_kernel
+
+    int8 = quantize_bundle(tiny_bundle, tmp_path / "tiny-int8", log=lambda s: None)
+    stdout = _run("graph_speed.py", "--fp32", str(tiny_bundle), "--int8", str(int8),
+                  "--repeats", "2", "--model", "clip", "--model", "siamese", "--out-dir", str(tmp_path))
+    assert "| graph |" in stdout and "int8 kernel" in stdout
+    data = json.loads((tmp_path / f"graph_speed_tiny-int8_{int8_kernel()}.json").read_text())
+    assert set(data["graphs"]) == {"clip/visual", "siamese/pair"}
+    assert data["machine"]["isa"] and data["machine"]["int8_kernel"] == int8_kernel()
+    for g in data["graphs"].values():
+        assert len(g["fp32_s"]) == len(g["int8_s"]) == 2 and min(g["fp32_over_int8_paired"]) > 0
+
+
 def test_flop_formulas():
     sys.path.insert(0, str(BENCH))
     try:
