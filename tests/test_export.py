@@ -184,13 +184,27 @@ def test_prompts_and_vocabulary(tiny_bundle):
     assert np.load(tiny_bundle / entry["prompt_labels_file"]).tolist() == labels
 
 
-def test_vocab_from_train_csv():
-    from sdrun.vocab import normalize_label, parse_vocabulary
+# The vocabulary the seed notebook prints ("Vocab: [...]") after normalising train.csv.
+SEED_VOCAB = ["animal", "baby", "bag", "baggage", "bicycle", "bicyclist", "box", "building", "car",
+              "cart", "case", "chair", "child", "cone", "container", "couple", "dog", "dolly",
+              "driver", "gate", "girl", "group", "individual", "item", "kid", "ladder", "lady",
+              "luggage", "motorcycle", "object", "person", "personal", "pole", "scooter", "shadow",
+              "sign", "stroller", "traffic", "truck", "umbrella", "vehicle", "vest"]
 
-    labels = parse_vocabulary(str(TRAIN_CSV))
-    assert labels[:3] == ["person", "car", "vehicle"]
-    assert not {"man", "guy", "worker", "auto", "people"} & set(labels)
-    assert normalize_label("Men") == "person" and normalize_label("sedans") == "car"
+
+def test_vocab_from_train_csv_is_the_notebooks():
+    from sdrun.vocab import default_vocabulary, normalize_label, parse_vocabulary
+
+    assert parse_vocabulary(str(TRAIN_CSV)) == SEED_VOCAB
+    assert default_vocabulary() == SEED_VOCAB
+    # the notebook's map: man/guy/worker/... -> person, auto -> car, pickup -> truck; no plurals
+    assert [normalize_label(w) for w in ("Man", "guy", "people", "auto", "pickup", "bike", "fence")] == \
+        ["person", "person", "person", "car", "truck", "bicycle", "barrier"]
+    assert normalize_label("men") == "men" and normalize_label("kid") == "kid"
+    # the richer map is an option, never the default
+    assert normalize_label("Men", "rich") == "person" and normalize_label("sedans", "rich") == "car"
+    rich = parse_vocabulary(str(TRAIN_CSV), "rich")
+    assert len(rich) < 42 and "kid" not in rich and "person" in rich
     assert parse_vocabulary("car, person ,car") == ["car", "person"]
 
 

@@ -99,7 +99,7 @@ def test_all_none_on_the_real_train_csv_scores_0_5572(tmp_path):
 
 def test_normalize_maps_synonyms(tmp_path):
     truth, sub = tmp_path / "t.csv", tmp_path / "s.csv"
-    truth.write_text("img_id,added_objs,removed_objs,changed_objs\n1,man guy,cars,none\n")
+    truth.write_text("img_id,added_objs,removed_objs,changed_objs\n1,man guy,auto,none\n")
     sub.write_text("img_id,added_objs,removed_objs,changed_objs\n1,person,car,none\n")
     assert score_files(sub, truth).row_f1["added_objs"] == 0.0
     s = score_files(sub, truth, normalize=True)

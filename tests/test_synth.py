@@ -136,7 +136,7 @@ def test_no_change_pairs_differ_only_by_distractors(pairs):
 
 def test_labels_argument():
     for i in range(10):
-        _, _, truth, (objs1, objs2) = make_pair(pair_rng(2, i), labels=["person", "cars"])
+        _, _, truth, (objs1, objs2) = make_pair(pair_rng(2, i), labels=["person", "auto"])
         assert {o["label"] for o in objs1 + objs2} <= {"person", "car"}
     with pytest.raises(ValueError, match="cannot draw"):
         make_pair(pair_rng(0, 0), labels=["spaceship"])

@@ -50,7 +50,10 @@ SOURCE_HELP = ("a hub id (default {default}), a local folder, a preset ({presets
 @click.option("--clip", help=SOURCE_HELP.format(default="open_clip " + DEFAULT_HUB_IDS["clip"],
                                                presets="|".join(PRESETS), extra=""))
 @click.option("--vocab", help="Labels: a comma-separated list or a train.csv (labels normalised "
-                              "with the synonym map). Default: the built-in 42 labels.")
+                              "with the synonym map, sorted). Default: the notebook's 42 labels.")
+@click.option("--synonyms", type=click.Choice(["seed", "rich"]), default="seed", show_default=True,
+              help="Synonym map for --vocab CSV: the notebook's (seed), or a wider one that also "
+                   "merges child/kid/baby/lady into person and strips plurals (rich).")
 @click.option("--prompt-templates", help="OWL-ViT prompt templates separated by '|', each with "
                                          "{l} for the label. Default: the seed's six.")
 @click.option("--gdino-size", default="800", show_default=True, callback=lambda c, p, v: _size(v),
@@ -66,7 +69,7 @@ SOURCE_HELP = ("a hub id (default {default}), a local folder, a preset ({presets
                    "precision, fp16 (default) or fp32.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
               help="With --target trt: pairs per call the engines serve without splitting.")
-def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, prompt_templates,
+def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, synonyms, prompt_templates,
           gdino_size, seed, no_check, target, precision, max_batch):
     """Export the models to ONNX with a manifest and golden samples, then check the bundle.
 
@@ -84,7 +87,7 @@ def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, prompt
     try:
         sources = resolve_sources(preset, {"owlvit": owlvit, "gdino": gdino,
                                            "siamese": siamese, "clip": clip})
-        labels = parse_vocabulary(vocab)
+        labels = parse_vocabulary(vocab, synonyms)
         templates = None
         if prompt_templates:
             templates = [t.strip() for t in prompt_templates.split("|") if t.strip()]

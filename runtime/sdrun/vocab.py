@@ -24,18 +24,32 @@ def default_vocabulary() -> list[str]:
     return list(_defaults()["labels"])
 
 
-def synonym_map() -> dict[str, str]:
-    return dict(_defaults()["synonyms"])
+SYNONYM_MAPS = ("seed", "rich")
+DEFAULT_SYNONYMS = "seed"
+
+
+def synonym_map(name: str = DEFAULT_SYNONYMS) -> dict[str, str]:
+    """'seed': the notebook's table (man, guy, worker, ... -> person; auto, sedan -> car;
+    pickup, lorry -> truck; bike -> bicycle; fence -> barrier). 'rich': a wider one that
+    also merges child/kid/baby/lady/... into person and strips plurals."""
+    maps = _defaults()["synonyms"]
+    if name not in maps:
+        raise ValueError(f"unknown synonym map {name!r}; choose one of {', '.join(SYNONYM_MAPS)}")
+    return dict(maps[name])
 
 
 def default_prompt_templates() -> list[str]:
     return list(_defaults()["prompt_templates"])
 
 
-def normalize_label(word: str) -> str:
-    """Lower-case, strip punctuation, map synonyms and simple plurals."""
+def normalize_label(word: str, synonyms: str = DEFAULT_SYNONYMS) -> str:
+    """One word of a label cell as the notebook normalises it: lower-cased, then looked
+    up in the synonym map ('rich' also strips punctuation and simple plurals)."""
+    syn = _synonyms(synonyms)
+    if synonyms != "rich":
+        w = word.strip().lower()
+        return syn.get(w, w)
     w = re.sub(r"[^a-z0-9 ]", "", word.strip().lower())
-    syn = synonym_map()
     if w in syn:
         return syn[w]
     if w.endswith("s") and len(w) > 3 and not w.endswith("ss"):
@@ -44,15 +58,20 @@ def normalize_label(word: str) -> str:
     return w
 
 
+@lru_cache(maxsize=None)
+def _synonyms(name: str) -> dict[str, str]:
+    return synonym_map(name)
+
+
 def parse_label_cell(cell: str) -> list[str]:
-    """A CSV cell ('none' or space-separated words) as a list of words."""
-    words = (cell or "").split()
-    return [] if words in ([], ["none"]) else words
+    """A CSV cell as its words: split on spaces and commas, 'none' and empty words dropped
+    (the notebook's reading of a cell)."""
+    return [w for w in re.split(r"[ ,]+", (cell or "").strip()) if w and w.lower() != "none"]
 
 
-def vocabulary_from_csv(path: str | Path) -> list[str]:
-    """Every normalised label of a competition CSV, sorted by frequency then name."""
-    counts: dict[str, int] = {}
+def vocabulary_from_csv(path: str | Path, synonyms: str = DEFAULT_SYNONYMS) -> list[str]:
+    """Every normalised label of a competition CSV, sorted (the notebook's vocabulary)."""
+    labels: set[str] = set()
     path = Path(path)
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -61,21 +80,19 @@ def vocabulary_from_csv(path: str | Path) -> list[str]:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
         for row in reader:
             for col in LABEL_COLUMNS:
-                for w in parse_label_cell(row[col]):
-                    label = normalize_label(w)
-                    if label:
-                        counts[label] = counts.get(label, 0) + 1
-    if not counts:
+                labels.update(w for w in (normalize_label(x, synonyms) for x in parse_label_cell(row[col]))
+                              if w and w != "none")
+    if not labels:
         raise ValueError(f"{path}: no labels found in {', '.join(LABEL_COLUMNS)}")
-    return sorted(counts, key=lambda l: (-counts[l], l))
+    return sorted(labels)
 
 
-def parse_vocabulary(spec: str | None) -> list[str]:
+def parse_vocabulary(spec: str | None, synonyms: str = DEFAULT_SYNONYMS) -> list[str]:
     """`--vocab`: None for the default, a CSV path, or a comma-separated list."""
     if spec is None:
         return default_vocabulary()
     if spec.endswith(".csv") or Path(spec).is_file():
-        return vocabulary_from_csv(spec)
+        return vocabulary_from_csv(spec, synonyms)
     labels = []
     for part in spec.split(","):
         label = " ".join(part.strip().lower().split())
