@@ -56,8 +56,8 @@ def register(group) -> None:
     @click.argument("submission", type=click.Path(dir_okay=False))
     @click.argument("truth", type=click.Path(dir_okay=False))
     @click.option("--normalize", is_flag=True,
-                  help="Map every word on both sides through the synonym map and plural rule first "
-                       "(man, guy, men -> person; cars -> car).")
+                  help="Map every word on both sides through the notebook's synonym map first "
+                       "(man, guy, worker -> person; auto, sedan -> car).")
     @click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
     def score(submission, truth, normalize, as_json):
         """Score SUBMISSION.csv against TRUTH.csv with the competition's metric.

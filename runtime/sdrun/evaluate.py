@@ -8,7 +8,7 @@
     OUT/worst/{id}.png       the worst pairs: both images, heatmap, kept boxes by status, truth
 
 The truth is normalised with the synonym map (`sdrun.vocab.normalize_label`: man,
-guy -> person; plurals) unless asked not to, and so are the predictions (vocabulary
+guy -> person, the notebook's map) unless asked not to, and so are the predictions (vocabulary
 labels are normalised words already), exactly as `sdrun score --normalize` does.
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ available here; this is our reading of its "set F1"): per column, every
 nothing to find and nothing predicted); the three columns averaged. It ignores
 rows where both sides say "none", so it does not reward saying nothing.
 
-``normalize=True`` maps every word on both sides through the synonym map and
-plural rule of `sdrun.vocab.normalize_label` first (``man guy`` -> ``person``).
+``normalize=True`` maps every word on both sides through the notebook's synonym map
+(`sdrun.vocab.normalize_label`) first (``man guy`` -> ``person``).
 """
 from __future__ import annotations
 
