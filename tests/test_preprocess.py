@@ -251,7 +251,22 @@ def _timm_cfg():
     return timm.data.resolve_data_config({}, model=backbone)
 
 
+def test_siamese_pixels_match_the_notebooks_heat_transform(torch_refs):
+    """New bundles: T.Resize((224, 224)) + T.ToTensor(), on square and non-square images."""
+    from sdexport.models import siamese
+
+    Image = torch_refs.Image
+    facts = _jsonish(siamese.heat_facts((224, 224)))
+    transform = siamese.heat_transform((224, 224))
+    for k, img in IMAGES.items():
+        ref = transform(Image.fromarray(img)).numpy()
+        got = pp.siamese_image(img, facts)
+        _compare(f"siamese (notebook) {k}", got, ref, facts["std"])
+        assert got.min() >= 0.0 and got.max() <= 1.0
+
+
 def test_siamese_pixels_match_timm(torch_refs):
+    """Bundles built before the notebook's transform: timm's eval transform, kept as built."""
     from sdexport.models import siamese
 
     Image = torch_refs.Image
@@ -353,10 +368,8 @@ def test_tiny_bundle_facts_match_its_source_processors(torch_refs, tiny_bundle):
                          gdino.preprocess(proc, img, size)[0], facts["image_std"])
 
     facts = bundle.model("siamese")["preprocess"]
-    import timm
-
-    backbone = timm.create_model(f"local-dir:{src / 'siamese'}", pretrained=False, num_classes=0)
-    transform = siamese.timm_transform(timm.data.resolve_data_config({}, model=backbone))
+    assert facts["crop_mode"] == "squash" and facts["std"] == [1.0, 1.0, 1.0]  # the notebook's
+    transform = siamese.heat_transform(tuple(facts["input_size"][1:]))
     for k, img in imgs.items():
         _compare(f"bundle siamese {k}", pp.siamese_image(img, facts),
                  transform(Image.fromarray(img)).numpy(), facts["std"])

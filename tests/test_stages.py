@@ -60,9 +60,11 @@ def test_heatmap_orientation_and_normalisation():
     assert heat.max() == pytest.approx(1.0, abs=0.1)
 
 
-def test_change_score_is_mean_of_top_five_percent():
+def test_change_score_is_the_notebooks_top_k_mean():
     heat = np.arange(1000, dtype=np.float32).reshape(20, 50) / 1000
     assert heatmap.change_score(heat) == pytest.approx(np.sort(heat.ravel())[-50:].mean())
+    small = np.arange(39, dtype=np.float32).reshape(3, 13)  # k = max(1, 39 // 20) = 1, not round(1.95)
+    assert heatmap.change_score(small) == 38.0
 
 
 def test_hot_share_integral_image_equals_slice_and_mean():

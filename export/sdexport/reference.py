@@ -55,7 +55,7 @@ class ReferencePipeline:
             self.gd_size = tuple(entry["image_size"])
             self.gd_token_labels = np.load(root / entry["token_labels_file"])
         self.siamese, data_cfg, _ = siamese_model.load_torch(local("siamese"), ctx)
-        self.siamese_tf = siamese_model.timm_transform(data_cfg)
+        self.siamese_tf = siamese_model.heat_transform(tuple(data_cfg["input_size"][1:]))
         self.clip, self.clip_tf, _ = clip_model.load_torch(local("clip"), ctx)
         self.device = torch.device("cpu")
 
@@ -136,7 +136,7 @@ class ReferencePipeline:
 
     @staticmethod
     def upsample(patch: np.ndarray, h: int, w: int) -> np.ndarray:
-        m = (patch - patch.min()) / (patch.max() - patch.min() + 1e-8)
+        m = (patch - patch.min()) / (patch.max() - patch.min() + 1e-6)  # the notebook's eps
         return cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
 
     @staticmethod

@@ -6,19 +6,25 @@ import numpy as np
 
 from .pixels import pixel_floor
 
-TOP_SHARE = 0.05  # the global change score is the mean of the top 5% of the heatmap
+TOP_DIVISOR = 20  # the change score: the mean of the top size // 20 heat values (the notebook's)
+HEAT_EPS = 1e-6  # the notebook's min-max normalisation: (m - min) / (max - min + 1e-6)
 
 
 def upsample_heat(patch_map: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Min-max normalise the patch-distance map and upsample it (bicubic) to HxW."""
+    """Min-max normalise the patch-distance map and upsample it (bicubic) to HxW.
+
+    Deliberate departure: cv2 takes (width, height); the notebook passes (height, width),
+    which transposes the map of a non-square image (see docs/departures.md)."""
     m = patch_map.astype(np.float32)
-    m = (m - m.min()) / (m.max() - m.min() + 1e-8)
-    return cv2.resize(m, (width, height), interpolation=cv2.INTER_CUBIC)  # cv2 takes (w, h)
+    m = (m - m.min()) / (m.max() - m.min() + np.float32(HEAT_EPS))
+    return cv2.resize(m, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def change_score(heat: np.ndarray, top_share: float = TOP_SHARE) -> float:
+def change_score(heat: np.ndarray) -> float:
+    """The notebook's global change score of an upsampled heat map: the mean of its top
+    max(1, size // 20) values."""
     flat = heat.ravel()
-    k = max(1, int(round(top_share * flat.size)))
+    k = max(1, flat.size // TOP_DIVISOR)
     return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
 
 

@@ -344,7 +344,7 @@ class Pipeline:
                                 "fused_score": round(float(fused[k]), 6),
                                 "hot_share": round(float(share[k]), 6),
                                 "status": status[k], "partner": partner.get(k)})
-        score = heatmap.change_score(heats[1])
+        score = heatmap.change_score(heats[0])
         sets = {"added": sorted({self.labels[int(lb[j])] for j in m.added}),
                 "removed": sorted({self.labels[int(la[i])] for i in m.removed}),
                 "changed": sorted({self.labels[int(la[i])] for i, _ in m.changed})}

@@ -114,7 +114,7 @@ def _prepare(o: PairOutputs, heat_ths: Sequence[float], label_bits: Sequence[int
     d0, d1 = o.detections
     return _Prep(labels=(d0.labels, d1.labels), scores=(d0.scores, d1.scores), boxes=(d0.boxes, d1.boxes),
                  emb=tuple(np.asarray(e, np.float64) for e in o.embeds), shares=shares,
-                 signal={"change_score": heatmap.change_score(heats[1]), "change_logit": o.change_logit},
+                 signal={"change_score": heatmap.change_score(heats[0]), "change_logit": o.change_logit},
                  bits=tuple([label_bits[int(l)] for l in d.labels] for d in o.detections))
 
 

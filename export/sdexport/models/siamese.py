@@ -18,25 +18,25 @@ HEAD_HIDDEN = 256
 
 
 class SiameseViTChange(nn.Module):
-    """The seed notebook's model: a shared ViT backbone and a head on the pooled features
-    of both images ([|a-b|, a*b] -> MLP -> one change logit)."""
+    """The notebook's change model. A timm ViT built with its classifier (so a saved state
+    dict holds `backbone.head.*`, unused here), `forward_features` tokens for both images,
+    and a head Linear(2D, 256) -> ReLU -> Linear(256, 1) on the two mean-pooled token sets
+    (class token included). The heat map is the per-patch L2 distance of the tokens after
+    the first (the class token), on the patch grid."""
 
     def __init__(self, backbone: nn.Module, hidden: int = HEAD_HIDDEN):
         super().__init__()
         self.backbone = backbone
-        d = backbone.num_features
-        self.head = nn.Sequential(nn.Linear(2 * d, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.embed_dim = backbone.num_features
+        self.head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         n = a.shape[0]
         tokens = self.backbone.forward_features(torch.cat([a, b]))
-        prefix = self.backbone.num_prefix_tokens
-        ta, tb = tokens[:n, prefix:], tokens[n:, prefix:]
+        ta, tb = tokens[:n], tokens[n:]
         gh, gw = self.backbone.patch_embed.grid_size
-        heat = torch.linalg.vector_norm(ta - tb, dim=-1).reshape(n, gh, gw)
-        pooled = self.backbone.forward_head(tokens, pre_logits=True)
-        pa, pb = pooled[:n], pooled[n:]
-        logit = self.head(torch.cat([(pa - pb).abs(), pa * pb], dim=-1)).squeeze(-1)
+        heat = (ta[:, 1:] - tb[:, 1:]).pow(2).sum(-1).sqrt().reshape(n, gh, gw)
+        logit = self.head(torch.cat([ta.mean(1), tb.mean(1)], dim=1)).squeeze(-1)
         return heat, logit
 
 
@@ -54,15 +54,15 @@ def _backbone(source: Source):
 
     if source.kind == "preset":
         kwargs = TINY_ARGS if source.id == "tiny-random" else {}
-        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **kwargs)
+        return timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
     try:
         if source.kind == "local":
             folder = Path(source.id)
             if not (folder / "config.json").is_file():
                 raise source.local_error(f"{folder / 'config.json'} is missing (expected a timm "
                                          "folder with config.json and model.safetensors)")
-            return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
-        return timm.create_model(source.id, pretrained=True, num_classes=0)
+            return timm.create_model(f"local-dir:{folder}", pretrained=True)
+        return timm.create_model(source.id, pretrained=True)
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -89,6 +89,26 @@ def load_state_dict_file(path: Path) -> dict:
                           f"({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
+def _check_state_dict(path: Path, model: nn.Module, sd: dict) -> None:
+    """A clear error naming the file and the keys when `sd` is not the notebook's
+    SiameseViTChange on this backbone (missing, unexpected or misshapen tensors)."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(want[k].shape)})"
+              for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+
+    def some(keys):
+        return ", ".join(keys[:6]) + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    parts = [f"{len(v)} {what}: {some(v)}" for what, v in
+             (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)) if v]
+    raise SourceError(f"--siamese-ckpt {path}: not a state dict of the notebook's SiameseViTChange "
+                      f"on this backbone ({'; '.join(parts)})")
+
+
 def load_torch(source: Source, ctx: BuildContext, ckpt: str | Path | None = None):
     """(SiameseViTChange in eval mode, timm data config, what the head was loaded from)."""
     import timm
@@ -103,11 +123,8 @@ def load_torch(source: Source, ctx: BuildContext, ckpt: str | Path | None = None
         sd = load_state_dict_file(ckpt)
         hidden = sd["head.0.weight"].shape[0] if "head.0.weight" in sd else HEAD_HIDDEN
         model = SiameseViTChange(backbone, hidden)
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise SourceError(f"--siamese-ckpt {ckpt}: does not fit SiameseViTChange on this backbone "
-                              f"({str(e).strip().splitlines()[0][:300]} ...)") from None
+        _check_state_dict(ckpt, model, sd)
+        model.load_state_dict(sd, strict=True)
         head_from = str(ckpt)
     else:
         model = SiameseViTChange(backbone)
@@ -128,6 +145,25 @@ def preprocess_facts(data_cfg: dict) -> dict:
     facts = {k: data_cfg[k] for k in ("input_size", "interpolation", "mean", "std",
                                       "crop_pct", "crop_mode") if k in data_cfg}
     return jsonable({**facts, "pil_pass_order": pil_pass_order()})
+
+
+def heat_transform(size_hw: tuple[int, int]):
+    """The notebook's heat-map input: T.Resize((H, W)) (PIL bilinear, the whole image
+    squashed), T.ToTensor() ([0, 1], no mean/std)."""
+    import torchvision.transforms as T
+
+    return T.Compose([T.Resize(tuple(size_hw)), T.ToTensor()])
+
+
+def heat_facts(size_hw: tuple[int, int]) -> dict:
+    """`heat_transform` as preprocessing facts the runtime reads (`sdrun.preprocess.siamese_image`):
+    squash to HxW, bilinear, [0, 1]. Bundles built before it record timm's eval transform
+    (`preprocess_facts`) and keep it."""
+    h, w = size_hw
+    return jsonable({"transform": f"notebook: Resize(({h}, {w})) bilinear squash, ToTensor [0, 1]",
+                     "input_size": [3, h, w], "interpolation": "bilinear", "crop_pct": 1.0,
+                     "crop_mode": "squash", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+                     "pil_pass_order": pil_pass_order()})
 
 
 def timm_transform(data_cfg: dict):
@@ -153,7 +189,7 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext,
                                              "logit": {0: "pairs"}}, ctx.opset)
     from PIL import Image
 
-    transform = timm_transform(data_cfg)
+    transform = heat_transform((h, w))
     a = image_like(h + 31, w + 7, ctx.seed + 3)
     b = a.copy()
     b[h // 4: h // 2, w // 3: w // 2] = 255 - b[h // 4: h // 2, w // 3: w // 2]
@@ -171,6 +207,6 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext,
         "tolerance": {"rel_l2": 1e-5},
         "image_size": [h, w],
         "heat_grid": grid,
-        "preprocess": preprocess_facts(data_cfg),
+        "preprocess": heat_facts((h, w)),
     })
     return entry
