@@ -1,6 +1,7 @@
 """Grounding DINO: the whole model (image + the prompt's token ids -> logits, boxes) as one graph.
 
-The prompt is fixed at build time ("l1 . l2 . ... ."); its token ids are stored with a
+The prompt is fixed at build time, the notebook's `'. '.join(labels)` ("l1. l2. ... ln",
+no final period); its token ids are stored with a
 token -> label map made from the labels' character spans, so the runtime never decodes
 phrases. The image size is fixed per bundle (FACTS.md: dynamic height/width export but
 give wrong answers); the batch axis is dynamic.
@@ -230,8 +231,11 @@ def preset_processor(vocab: dict[str, int]):
 
 # ---- prompt ----------------------------------------------------------------------------
 
+PROMPT_SEPARATOR = ". "  # the notebook's text: '. '.join(labels)
+
+
 def make_prompt(labels: list[str]) -> str:
-    return " . ".join(labels) + " ."
+    return PROMPT_SEPARATOR.join(labels)
 
 
 def label_spans(labels: list[str]) -> list[tuple[int, int]]:
@@ -239,7 +243,7 @@ def label_spans(labels: list[str]) -> list[tuple[int, int]]:
     spans, pos = [], 0
     for label in labels:
         spans.append((pos, pos + len(label)))
-        pos += len(label) + len(" . ")
+        pos += len(label) + len(PROMPT_SEPARATOR)
     return spans
 
 
