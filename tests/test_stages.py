@@ -79,12 +79,20 @@ def test_hot_share_integral_image_equals_slice_and_mean():
         boxes[3:6] = np.round(boxes[3:6]) - 1e-5  # edges a float hair below whole pixels
         fast = heatmap.hot_share(heat, boxes, 0.5)
         for k, (a, b, c, d) in enumerate(boxes):
-            def px(v, size):  # the seed's int() with the 1e-3 px edge snap
-                return int(min(max(np.floor(v + 1e-3), 0), size))
+            def px(v, size):  # the notebook's int(max(0, min(size - 1, v))), 1e-3 px edge snap
+                return int(max(0, min(size - 1, v + 1e-3)))
             xa, ya, xb, yb = px(a, w), px(b, h), px(c, w), px(d, h)
             region = heat[ya:yb, xa:xb]
             slow = (region >= 0.5).mean() if region.size else 0.0
             assert fast[k] == pytest.approx(slow, abs=1e-12)
+
+
+def test_hot_share_leaves_out_the_last_column_as_the_notebook_does():
+    heat = np.zeros((10, 10), np.float32)
+    heat[:, -1] = 1.0  # only the last column is hot
+    assert heatmap.hot_share(heat, np.array([[5.0, 0.0, 10.0, 10.0]]), 0.5)[0] == 0.0
+    heat[:, -2] = 1.0
+    assert heatmap.hot_share(heat, np.array([[5.0, 0.0, 10.0, 10.0]]), 0.5)[0] == pytest.approx(0.25)
 
 
 def test_fuse_scores():

@@ -90,7 +90,9 @@ def test_build_writes_engines_manifest_and_sha256(engine_bundle):
     gd = section["graphs"]["gdino/model"]["profiles"]
     assert gd["pixel_values"] == {"min": [1, 3, 256, 256], "opt": [4, 3, 256, 256],
                                   "max": [8, 3, 256, 256]}
-    assert gd["input_ids"]["max"] == [8, 86]  # the token axis fixed to the bundle's prompt
+    n_tokens = Bundle.load(root, verify=False).array(m["models"]["gdino"]["input_ids_file"]).shape[1]
+    assert n_tokens == 85  # the tiny vocabulary's '. '.join(labels) with [CLS] and [SEP]
+    assert gd["input_ids"]["max"] == [8, n_tokens]  # the token axis fixed to the bundle's prompt
     assert section["graphs"]["siamese/pair"]["profiles"]["pairs"]["max"][0] == 2
     assert section["graphs"]["clip/visual"]["profiles"]["crops"]["max"][0] == 64
     # the builds asked for fp16 with TF32 off, and pinned layers obeyed

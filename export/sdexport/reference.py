@@ -142,7 +142,8 @@ class ReferencePipeline:
     @staticmethod
     def hot_share(heat: np.ndarray, box, heat_th: float) -> float:
         h, w = heat.shape
-        x1, y1, x2, y2 = (_pixel(v, lim) for v, lim in zip(box, (w, h, w, h)))
+        # the notebook's bounds: each edge clamped to [0, W-1] / [0, H-1]
+        x1, y1, x2, y2 = (_pixel(v, lim) for v, lim in zip(box, (w - 1, h - 1, w - 1, h - 1)))
         region = heat[y1:y2, x1:x2]
         return float((region >= heat_th).mean()) if region.size else 0.0
 

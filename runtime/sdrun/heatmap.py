@@ -29,11 +29,13 @@ def change_score(heat: np.ndarray) -> float:
 
 
 def box_pixel_bounds(boxes_px: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Integer slice bounds [x1, y1, x2, y2] of pixel boxes, clipped to the image: the
-    region is heat[y1:y2, x1:x2] with edges floored (see `pixels.pixel_floor`)."""
+    """Integer slice bounds [x1, y1, x2, y2] of pixel boxes as the notebook takes them:
+    each edge floored (see `pixels.pixel_floor`) and clipped to [0, W-1] / [0, H-1], so the
+    region heat[y1:y2, x1:x2] of a box reaching the right or bottom edge leaves out the
+    last column or row."""
     b = np.asarray(boxes_px, np.float64).reshape(-1, 4)
-    return np.stack([pixel_floor(b[:, 0], 0, width), pixel_floor(b[:, 1], 0, height),
-                     pixel_floor(b[:, 2], 0, width), pixel_floor(b[:, 3], 0, height)], -1)
+    return np.stack([pixel_floor(b[:, 0], 0, width - 1), pixel_floor(b[:, 1], 0, height - 1),
+                     pixel_floor(b[:, 2], 0, width - 1), pixel_floor(b[:, 3], 0, height - 1)], -1)
 
 
 def hot_share(heat: np.ndarray, boxes_px: np.ndarray, heat_th: float) -> np.ndarray:
