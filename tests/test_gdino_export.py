@@ -199,3 +199,23 @@ def test_missing_files_are_named(built, tmp_path):
     (no_tokenizer / "tokenizer.json").unlink()
     with pytest.raises(SourceError, match=r"tokenizer does not fit"):
         gdino.load_torch(Source("gdino", "local", str(no_tokenizer)), ctx)
+
+
+def test_hf_post_processing_has_no_phrases_key(built):
+    """Departure 1 (docs/departures.md): the notebook labels Grounding DINO boxes from
+    `results.get('phrases', ['object'] * n)`; Hugging Face never returns `phrases`, so the
+    notebook's boxes are all `object`. spotdiff labels them from the token -> label map."""
+    root, entry, ctx = built
+    model, processor = gdino.load_torch(Source("gdino", "local", str(root / "source/gdino")), ctx)
+    image = np.random.default_rng(0).integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+    inputs = processor(images=image, text=entry["prompt"], return_tensors="pt",
+                       size={"height": SIZE[0], "width": SIZE[1]})
+    with torch.no_grad():
+        out = model(**inputs)
+    res = processor.post_process_grounded_object_detection(
+        out, inputs.input_ids, threshold=0.0, text_threshold=0.0, target_sizes=[SIZE])[0]
+    assert len(res["boxes"]) > 0 and "phrases" not in res
+    notebook_labels = res.get("phrases", ["object"] * len(res["boxes"]))
+    assert set(notebook_labels) == {"object"}
+    token_labels = Bundle.load(root).array(entry["token_labels_file"])
+    assert len(set(token_labels[token_labels >= 0].tolist())) == len(ctx.vocabulary)  # one per label

@@ -75,6 +75,19 @@ def test_row_f1_rules():
     assert s.mean == pytest.approx(((2 / 3 + 1) / 2 + 0.5 + 1.0) / 3)
     # micro: added tp 1, fn 1 -> 2/3; removed tp 0 fn 1 -> 0; changed tp 1 -> 1
     assert s.micro_f1 == {"added_objs": pytest.approx(2 / 3), "removed_objs": 0.0, "changed_objs": 1.0}
+    # the notebook's set_f1 (departure 5): a row with both sides empty scores 0, not 1
+    assert s.notebook_f1 == {"added_objs": pytest.approx(2 / 3 / 2, abs=1e-8), "removed_objs": 0.0,
+                             "changed_objs": pytest.approx(1 / 2, abs=1e-8)}
+    assert s.notebook_mean < s.mean
+
+
+def test_notebook_set_f1_is_the_notebooks():
+    from sdrun.score import notebook_set_f1
+
+    e = frozenset()
+    assert notebook_set_f1(e, e) == 0.0 and row_f1(e, e) == 1.0  # where the two metrics part
+    assert notebook_set_f1(frozenset({"car", "bag"}), frozenset({"car"})) == pytest.approx(2 / 3, abs=1e-8)
+    assert notebook_set_f1(frozenset({"car"}), frozenset({"box"})) == 0.0
 
 
 def test_all_none_on_the_real_train_csv_scores_0_5572(tmp_path):
@@ -95,6 +108,7 @@ def test_all_none_on_the_real_train_csv_scores_0_5572(tmp_path):
     res = run_without_torch(["score", str(sub), str(TRAIN_CSV)])
     assert res.returncode == 0, res.stderr
     assert "0.5572" in res.stdout and "0.4306" in res.stdout and "micro" in res.stdout
+    assert "notebook set_f1" in res.stdout
 
 
 def test_normalize_maps_synonyms(tmp_path):

@@ -6,11 +6,14 @@ empty set): 1 when both are empty, 0 when exactly one is, else
 ``2|P & T| / (|P| + |T|)``. Rows are averaged per column, then the three columns
 are averaged.
 
-**Micro set-F1** (for comparison with the seed notebook, whose code is not
-available here; this is our reading of its "set F1"): per column, every
-(row, word) pair pooled over all rows, ``2 TP / (2 TP + FP + FN)`` (1 when there is
-nothing to find and nothing predicted); the three columns averaged. It ignores
-rows where both sides say "none", so it does not reward saying nothing.
+**Notebook set-F1** (the notebook's `set_f1`, which it tunes on): per row and column,
+precision ``TP / (TP + FP + 1e-9)`` and recall ``TP / (TP + FN + 1e-9)``, their harmonic
+mean, 0 when both are 0, so a row where both sides are empty scores 0, not 1; averaged
+over rows and columns. spotdiff tunes on the row F1 instead (docs/departures.md).
+
+**Micro set-F1**: per column, every (row, word) pair pooled over all rows,
+``2 TP / (2 TP + FP + FN)`` (1 when there is nothing to find and nothing predicted);
+the three columns averaged. It ignores rows where both sides say "none".
 
 ``normalize=True`` maps every word on both sides through the notebook's synonym map
 (`sdrun.vocab.normalize_label`) first (``man guy`` -> ``person``).
@@ -97,6 +100,15 @@ def row_f1(pred: frozenset | set, true: frozenset | set) -> float:
     return 2.0 * len(pred & true) / (len(pred) + len(true))
 
 
+def notebook_set_f1(true: frozenset | set, pred: frozenset | set) -> float:
+    """The notebook's `set_f1(true_set, pred_set)`: 0 when both sets are empty."""
+    tp, fp, fn = len(true & pred), len(pred - true), len(true - pred)
+    precision, recall = tp / (tp + fp + 1e-9), tp / (tp + fn + 1e-9)
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
 @dataclass
 class Score:
     """The metric over a set of rows: per column and averaged."""
@@ -105,6 +117,7 @@ class Score:
     row_f1: dict[str, float]  # column -> mean row F1
     micro_f1: dict[str, float]  # column -> micro set-F1
     per_row: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
+    notebook_f1: dict[str, float] = field(default_factory=dict)  # column -> mean notebook set_f1
 
     @property
     def mean(self) -> float:
@@ -114,18 +127,24 @@ class Score:
     def micro_mean(self) -> float:
         return sum(self.micro_f1.values()) / len(self.micro_f1)
 
+    @property
+    def notebook_mean(self) -> float:
+        return sum(self.notebook_f1.values()) / len(self.notebook_f1)
+
     def table(self) -> str:
-        lines = [f"{'column':14} {'row-F1':>8} {'micro-F1':>9}"]
+        lines = [f"{'column':14} {'row-F1':>8} {'notebook set_f1':>16} {'micro-F1':>9}"]
         for c in COLUMNS:
-            lines.append(f"{c:14} {self.row_f1[c]:8.4f} {self.micro_f1[c]:9.4f}")
-        lines.append(f"{'mean':14} {self.mean:8.4f} {self.micro_mean:9.4f}")
+            lines.append(f"{c:14} {self.row_f1[c]:8.4f} {self.notebook_f1[c]:16.4f} "
+                         f"{self.micro_f1[c]:9.4f}")
+        lines.append(f"{'mean':14} {self.mean:8.4f} {self.notebook_mean:16.4f} {self.micro_mean:9.4f}")
         lines.append(f"{self.n_rows} rows. row-F1: the competition's metric (per-row F1 of the "
-                     "label sets, both empty = 1). micro-F1: every (row, label) pooled per column, "
-                     "for comparison with the seed's set-F1.")
+                     "label sets, both empty = 1). notebook set_f1: the notebook's per-row F1 "
+                     "(both empty = 0). micro-F1: every (row, label) pooled per column.")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"rows": self.n_rows, "row_f1": self.row_f1, "row_f1_mean": self.mean,
+                "notebook_set_f1": self.notebook_f1, "notebook_set_f1_mean": self.notebook_mean,
                 "micro_f1": self.micro_f1, "micro_f1_mean": self.micro_mean}
 
 
@@ -143,7 +162,9 @@ def score_sets(pred: Sequence[Sets], true: Sequence[Sets]) -> Score:
         fp = sum(len(p[k] - t[k]) for p, t in zip(pred, true))
         fn = sum(len(t[k] - p[k]) for p, t in zip(pred, true))
         micro[c] = 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
-    return Score(len(per_row), row, micro, per_row)
+    notebook = {c: sum(notebook_set_f1(t[k], p[k]) for p, t in zip(pred, true)) / len(true)
+                for k, c in enumerate(COLUMNS)}
+    return Score(len(per_row), row, micro, per_row, notebook)
 
 
 def align(pred: Mapping[str, Sets], true: Mapping[str, Sets], pred_name: str = "submission",
