@@ -315,26 +315,28 @@ def test_clip_crops_match_open_clip(torch_refs):
     boxes = np.array([
         [10.2, 20.7, 150.9, 130.1],  # fractional
         [0, 0, 224, 224],  # whole image
-        [50, 60, 50.4, 60.3],  # < 1 px: one pixel
+        [50, 60, 50.4, 60.3],  # < 1 px: no crop (the notebook's similarity is then the IoU)
         [100, 5, 101, 205],  # 1 px wide, tall (extreme aspect)
         [3, 100, 220, 101.5],  # wide, 1 px tall
         [-30, -10, 40, 30],  # partly outside
         [200, 200, 400, 500],  # partly outside
-        [300, 300, 320, 330],  # wholly outside: the corner pixel
+        [300, 300, 320, 330],  # wholly outside: no crop
         [7.5, 3.25, 40.75, 90.5],
     ])
     print("\nCLIP crops vs open_clip on the same crops:")
     for k in [n for n in IMAGES if not n.startswith("rand")] + ["rand1000x700"]:
         img = IMAGES[k]
-        ours = pp.clip_crops(img, boxes, facts)
-        assert ours.shape == (len(boxes), 3, 224, 224)
-        for i, box in enumerate(boxes):
-            crop = pp.crop_box(img, box)
+        ours, ok = pp.clip_crops(img, boxes, facts)
+        assert ok.shape == (len(boxes),) and ours.shape == (ok.sum(), 3, 224, 224)
+        crops = [pp.crop_box(img, box) for box in boxes]
+        assert [c is not None for c in crops] == ok.tolist()
+        for i, crop in enumerate(c for c in crops if c is not None):
             ref = transform(Image.fromarray(np.ascontiguousarray(crop))).numpy()
             _compare(f"clip crop {k} {crop.shape[1]}x{crop.shape[0]}@{i}", ours[i], ref,
                      facts["image_std"])
-    assert pp.clip_crops(IMAGES["rand128x128"], np.zeros((0, 4)), facts).shape == (0, 3, 224, 224)
-    assert pp.clip_crops(IMAGES["rand128x128"], [], facts).shape == (0, 3, 224, 224)
+    for none in (np.zeros((0, 4)), []):
+        crops, ok = pp.clip_crops(IMAGES["rand128x128"], none, facts)
+        assert crops.shape == (0, 3, 224, 224) and ok.shape == (0,)
 
 
 def test_tiny_bundle_facts_match_its_source_processors(torch_refs, tiny_bundle):
@@ -385,20 +387,27 @@ def test_tiny_bundle_facts_match_its_source_processors(torch_refs, tiny_bundle):
 
 @pytest.mark.parametrize("box, bounds", [
     ((10.2, 20.7, 150.9, 130.1), (20, 130, 10, 150)),
-    ((0, 0, 224, 224), (0, 224, 0, 224)),
-    ((50, 60, 50.4, 60.3), (60, 61, 50, 51)),  # under a pixel: the pixel at int(x1), int(y1)
-    ((50.2, 60, 50.9, 80), (60, 80, 50, 51)),
+    ((0, 0, 224, 224), (0, 223, 0, 223)),  # the notebook clamps x2, y2 to W-1, H-1
+    ((50, 60, 50.4, 60.3), None),  # under a pixel: the notebook cannot embed it
+    ((50.2, 60, 50.9, 80), None),
     ((-30, -10, 40, 30), (0, 30, 0, 40)),
-    ((200, 200, 400, 500), (200, 224, 200, 224)),
-    ((300, 300, 320, 330), (223, 224, 223, 224)),  # outside: the nearest edge pixel
-    ((-5, -5, -1, -1), (0, 1, 0, 1)),
-    ((10, 10, 10, 10), (10, 11, 10, 11)),
+    ((200, 200, 400, 500), (200, 223, 200, 223)),
+    ((300, 300, 320, 330), None),  # outside
+    ((-5, -5, -1, -1), None),
+    ((10, 10, 10, 10), None),
+    ((10, 10, 223.9995, 20), (10, 20, 10, 223)),  # within the 1e-3 px snap of 224: still W-1
 ])
 def test_crop_bounds_rule(box, bounds):
     assert pp.crop_bounds(box, 224, 224) == bounds
     img = np.zeros((224, 224, 3), np.uint8)
+    if bounds is None:
+        assert pp.crop_box(img, box) is None
+        return
     y0, y1, x0, x1 = bounds
     assert pp.crop_box(img, box).shape == (y1 - y0, x1 - x0, 3)
+    # the notebook's crop_to_tensor bounds, written out
+    nx1, ny1, nx2, ny2 = (int(v + 1e-3) if v > 0 else int(v) for v in box)
+    assert (max(0, ny1), min(223, ny2), max(0, nx1), min(223, nx2)) == bounds
 
 
 @pytest.mark.parametrize("box", [(5, 5, 4, 10), (5, 5, 10, 4), (np.nan, 0, 1, 1),
@@ -481,8 +490,8 @@ def test_runtime_modules_import_without_torch_or_pillow():
         from sdrun import preprocess, images
         facts = {"resize": 16, "interpolation": "bicubic", "crop_size": [16, 16],
                  "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-        out = preprocess.clip_crops(np.zeros((20, 30, 3), np.uint8), [[0, 0, 10, 10]], facts)
-        assert out.shape == (1, 3, 16, 16)
+        out, ok = preprocess.clip_crops(np.zeros((20, 30, 3), np.uint8), [[0, 0, 10, 10]], facts)
+        assert out.shape == (1, 3, 16, 16) and ok.tolist() == [True]
         for name in ("torch", "transformers", "timm", "open_clip", "PIL"):
             assert name not in sys.modules, name
         print("ok")

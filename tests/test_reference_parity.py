@@ -18,12 +18,13 @@ from conftest import REAL_PAIRS  # noqa: E402
 
 N_SYNTH = 20
 BOX_TOL_PX = 0.5
+SIZES = ((224, 224), (200, 260), (320, 240), (224, 224))  # (h, w): non-square on 10 of 20
 
 
 def _pairs():
     pairs = []
     for i in range(N_SYNTH):
-        a, b, _, _ = make_pair(pair_rng(7, i), size=(224, 224) if i % 3 else (200, 260))
+        a, b, _, _ = make_pair(pair_rng(7, i), size=SIZES[i % len(SIZES)])
         pairs.append((f"synth-{i}", a, b))
     for pid in ("31795", "35333"):
         pairs.append((f"real-{pid}", load_image(REAL_PAIRS / f"{pid}_1.png"),

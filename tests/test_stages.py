@@ -123,3 +123,14 @@ def test_matching_never_pairs_different_labels_and_handles_empty():
     assert m.pairs == [] and m.added == [0] and m.removed == [0]
     m = match_objects(np.zeros((0, 4)), [], np.zeros((0, 2)), box, [1], _emb([1, 0]), 0.5, 0.5)
     assert m.added == [0] and m.removed == []
+
+
+def test_clip_similarity_falls_back_to_iou_without_a_crop():
+    from sdrun.matching import clip_similarity
+
+    ea = np.array([[1.0, 0.0], [np.nan, np.nan]])  # box 2 of image 1 had no crop
+    eb = np.array([[0.0, 1.0], [1.0, 0.0]])
+    iou = np.array([[0.1, 0.2], [0.3, 0.4]])
+    np.testing.assert_allclose(clip_similarity(ea, eb, iou), [[0.5, 1.0], [0.3, 0.4]])
+    # nothing embedded on one side (a (K, 0) array): the IoU everywhere
+    np.testing.assert_allclose(clip_similarity(ea, np.zeros((2, 0)), iou), iou)

@@ -150,7 +150,11 @@ class ReferencePipeline:
     # ---- CLIP, per candidate pair -------------------------------------------------
     @torch.inference_mode()
     def clip_embed(self, image: np.ndarray, box) -> torch.Tensor:
-        e = self.clip.encode_image(self.clip_tf(crop_box(image, box))[None].to(self.device))
+        """The notebook's crop_to_tensor + encode_image; raises for a crop it cannot embed."""
+        crop = crop_box(image, box)
+        if crop is None:
+            raise ValueError(f"box {list(box)}: empty crop")
+        e = self.clip.encode_image(self.clip_tf(crop)[None].to(self.device))
         return torch.nn.functional.normalize(e, dim=-1)[0].cpu()
 
     # ---- one pair -------------------------------------------------------------------
@@ -177,8 +181,11 @@ class ReferencePipeline:
                 bj = bb[j] / np.array([wb, hb, wb, hb])
                 iou[i, j] = _iou(bi, bj)
                 if la[i] == lb[j]:
-                    cos = float(self.clip_embed(a, ba[i]) @ self.clip_embed(b, bb[j]))
-                    affinity[i, j] = p["alpha"] * iou[i, j] + (1 - p["alpha"]) * (cos + 1) / 2
+                    try:
+                        sim = (float(self.clip_embed(a, ba[i]) @ self.clip_embed(b, bb[j])) + 1) / 2
+                    except ValueError:
+                        sim = iou[i, j]  # the notebook's fallback
+                    affinity[i, j] = p["alpha"] * iou[i, j] + (1 - p["alpha"]) * sim
                     cost[i, j] = 1 - affinity[i, j]
         pairs, changed = [], []
         if na and nb:
@@ -203,19 +210,15 @@ def _pixel(x: float, size: int) -> int:
     return int(min(max(np.floor(float(x) + 1e-3), 0), size))
 
 
-def crop_box(image: np.ndarray, box) -> Image.Image:
-    """The crop CLIP embeds for a box in pixels: edges by `_pixel`, at least 1 px."""
+def crop_box(image: np.ndarray, box) -> Image.Image | None:
+    """The notebook's CLIP crop of a pixel box: x1, y1 = max(0, int(.)), x2, y2 =
+    min(W-1 / H-1, int(.)) (edges by `_pixel`), or None when it is empty (the notebook's
+    crop then fails and its similarity falls back to the IoU)."""
     h, w = image.shape[:2]
-
-    def axis(lo, hi, size):
-        lo, hi = _pixel(lo, size), _pixel(hi, size)
-        if hi <= lo:
-            lo = min(lo, size - 1)
-            hi = lo + 1
-        return lo, hi
-
-    y0, y1 = axis(box[1], box[3], h)
-    x0, x1 = axis(box[0], box[2], w)
+    x0, y0 = _pixel(box[0], w - 1), _pixel(box[1], h - 1)
+    x1, y1 = _pixel(box[2], w - 1), _pixel(box[3], h - 1)
+    if x1 <= x0 or y1 <= y0:
+        return None
     return Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
 
 

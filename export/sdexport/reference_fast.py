@@ -135,16 +135,20 @@ class FastPipeline(ReferencePipeline):
     @torch.inference_mode()
     def clip_batch(self, images, boxes_px) -> list[np.ndarray]:
         with self.timer.stage("preprocess"):
-            crops = [self.clip_tf(crop_box(im, box)) for im, bx in zip(images, boxes_px) for box in bx]
+            pil = [crop_box(im, box) for im, bx in zip(images, boxes_px) for box in bx]
+            crops = [self.clip_tf(c) for c in pil if c is not None]
         counts = [len(bx) for bx in boxes_px]
+        ok = np.array([c is not None for c in pil], bool)
         if not crops:
-            return [np.zeros((0, 0), np.float32) for _ in images]
+            return [np.full((n, 0), np.nan, np.float32) for n in counts]
         with self.timer.stage("CLIP"):
             x = torch.stack(crops).to(self.device)
             e = torch.cat([self.clip.encode_image(x[i:i + CLIP_CHUNK])
                            for i in range(0, len(x), CLIP_CHUNK)])
             e = torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
-        return np.split(e, np.cumsum(counts)[:-1])
+        full = np.full((len(ok), e.shape[1]), np.nan, e.dtype)  # no crop: NaN, matched by IoU
+        full[ok] = e
+        return np.split(full, np.cumsum(counts)[:-1])
 
     # ---- one pair ---------------------------------------------------------------------
     def diff(self, a: np.ndarray, b: np.ndarray) -> dict:

@@ -26,6 +26,16 @@ class Matching:
     similarity: np.ndarray | None = None
 
 
+def clip_similarity(embeds_a, embeds_b, iou: np.ndarray) -> np.ndarray:
+    """(cos + 1) / 2 of L2-normalised CLIP embeddings; where a box has no embedding (a NaN
+    row: its crop is empty) the similarity is the pair's IoU, the notebook's fallback."""
+    a, b = np.asarray(embeds_a, np.float64), np.asarray(embeds_b, np.float64)
+    if a.shape[1:] != b.shape[1:] or a.shape[-1] == 0:  # nothing embedded on one side
+        return np.array(iou, np.float64, copy=True)
+    sim = (a @ b.T + 1.0) / 2.0
+    return np.where(np.isnan(sim), iou, sim)
+
+
 def match_objects(boxes_a, labels_a, embeds_a, boxes_b, labels_b, embeds_b,
                   alpha: float, iou_thr: float) -> Matching:
     """Hungarian matching on cost = 1 - (alpha*IoU + (1-alpha)*(cos+1)/2) for equal labels
@@ -37,7 +47,7 @@ def match_objects(boxes_a, labels_a, embeds_a, boxes_b, labels_b, embeds_b,
         return Matching(added=list(range(nb)), removed=list(range(na)),
                         iou=np.zeros((na, nb)), similarity=np.zeros((na, nb)))
     iou = iou_matrix(np.asarray(boxes_a, np.float64), np.asarray(boxes_b, np.float64))
-    sim = (np.asarray(embeds_a, np.float64) @ np.asarray(embeds_b, np.float64).T + 1.0) / 2.0
+    sim = clip_similarity(embeds_a, embeds_b, iou)
     same = np.asarray(labels_a)[:, None] == np.asarray(labels_b)[None, :]
     affinity = alpha * iou + (1.0 - alpha) * sim
     cost = np.where(same, 1.0 - affinity, 1.0)

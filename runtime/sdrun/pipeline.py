@@ -237,15 +237,23 @@ class Pipeline:
         return o["heat"], o["logit"]
 
     def embed_crops(self, images: Sequence[np.ndarray], boxes_px: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """CLIP embeddings of every box of every image, in as few calls as possible."""
-        crops = [preprocess.clip_crops(im, b, self.clip_facts) for im, b in zip(images, boxes_px)]
+        """CLIP embeddings of every box of every image, in as few calls as possible; a box
+        whose crop is empty (`preprocess.crop_bounds`) gets a row of NaN, which matching
+        reads as "no similarity: use the IoU", the notebook's fallback."""
+        crops, ok = zip(*(preprocess.clip_crops(im, b, self.clip_facts)
+                          for im, b in zip(images, boxes_px))) if len(images) else ((), ())
         counts = [len(c) for c in crops]
         if not sum(counts):
-            return [np.zeros((0, 0), np.float32) for _ in images]
+            return [np.full((len(m), 0), np.nan, np.float32) for m in ok]
         batch = np.concatenate(crops)
         embeds = np.concatenate([self.clip.run({"crops": batch[i:i + CLIP_CHUNK]})["embeds"]
                                  for i in range(0, len(batch), CLIP_CHUNK)])
-        return np.split(embeds, np.cumsum(counts)[:-1])
+        out = []
+        for part, m in zip(np.split(embeds, np.cumsum(counts)[:-1]), ok):
+            full = np.full((len(m), embeds.shape[1]), np.nan, embeds.dtype)
+            full[m] = part
+            out.append(full)
+        return out
 
     # ---- whole pairs -------------------------------------------------------------
     def diff(self, a, b, pair_id: str | None = None) -> PairResult:

@@ -286,35 +286,36 @@ def resize_center_crop(img: np.ndarray, resize_hw: tuple[int, int], crop_hw: tup
     return _resize_window(img, (rh, rw), (top, top + ch, left, left + cw), mode, weights, order)
 
 
-def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) of the crop of pixel box (x1, y1, x2, y2) in an image of that size.
+def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) of the crop of pixel box (x1, y1, x2, y2) as the notebook takes it,
+    or None when that crop is empty.
 
-    Rule: clip the box to the image, then take rows floor(y1):floor(y2) and columns
-    floor(x1):floor(x2), edges snapped as `pixels.pixel_floor` does. A box that is then
-    empty along an axis (thinner than the pixel grid, or lying outside the image) gets the
-    one pixel row/column at floor(y1) / floor(x1), moved inside the image if it lies past
-    the edge. A box with x2 < x1 or y2 < y1, or NaN/inf coordinates, is an error."""
+    The notebook's rule: each edge to a whole pixel (`int()`; here floored with the 1e-3 px
+    edge snap of `pixels.pixel_floor`), the top-left corner at least 0 and the bottom-right
+    at most (W-1, H-1), then rows y0:y1 and columns x0:x1. A box thinner than a pixel, one
+    outside the image, or one reaching only the last row or column gives an empty crop,
+    which the notebook cannot embed: its CLIP similarity falls back to the IoU
+    (`matching.clip_similarity`). A box with x2 < x1 or y2 < y1, or NaN/inf coordinates, is
+    an error."""
     x1, y1, x2, y2 = (float(v) for v in box)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise ValueError(f"box {list(box)} has NaN or infinite coordinates")
     if x2 < x1 or y2 < y1:
         raise ValueError(f"box {list(box)} is not (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2")
-
-    def axis(a, b, size):
-        lo, hi = pixel_floor(a, 0, size), pixel_floor(b, 0, size)
-        if hi <= lo:
-            lo = min(lo, size - 1)
-            hi = lo + 1
-        return lo, hi
-
-    y0, y1_ = axis(y1, y2, height)
-    x0, x1_ = axis(x1, x2, width)
+    y0, y1_ = pixel_floor(y1, 0, height - 1), pixel_floor(y2, 0, height - 1)
+    x0, x1_ = pixel_floor(x1, 0, width - 1), pixel_floor(x2, 0, width - 1)
+    if y1_ <= y0 or x1_ <= x0:
+        return None
     return y0, y1_, x0, x1_
 
 
-def crop_box(image: np.ndarray, box) -> np.ndarray:
-    """The pixels of `image` under pixel box (x1, y1, x2, y2); see `crop_bounds`."""
-    y0, y1, x0, x1 = crop_bounds(box, image.shape[0], image.shape[1])
+def crop_box(image: np.ndarray, box) -> np.ndarray | None:
+    """The pixels of `image` under pixel box (x1, y1, x2, y2), or None for an empty crop;
+    see `crop_bounds`."""
+    bounds = crop_bounds(box, image.shape[0], image.shape[1])
+    if bounds is None:
+        return None
+    y0, y1, x0, x1 = bounds
     return image[y0:y1, x0:x1]
 
 
@@ -547,12 +548,16 @@ def clip_image(image: np.ndarray, facts: dict) -> np.ndarray:
                                 _triple(facts, "image_std", model))
 
 
-def clip_crops(image: np.ndarray, boxes_xyxy: np.ndarray | Sequence, facts: dict) -> np.ndarray:
-    """CLIP inputs [K, 3, S, S] float32 for the pixel boxes (x1, y1, x2, y2) of one image;
-    each crop is `crop_box(image, box)`. K = 0 gives an empty [0, 3, S, S] array."""
+def clip_crops(image: np.ndarray, boxes_xyxy: np.ndarray | Sequence,
+               facts: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(CLIP inputs [K', 3, S, S] float32, embeddable [K] bool) for the pixel boxes
+    (x1, y1, x2, y2) of one image: one input per box whose `crop_box` is not empty, in
+    order. K' = 0 gives an empty [0, 3, S, S] array."""
     img = as_rgb(image)
     boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    if len(boxes) == 0:
+    crops = [crop_box(img, b) for b in boxes]
+    ok = np.array([c is not None for c in crops], bool)
+    if not ok.any():
         h, w = _hw(facts.get("image_size") or facts.get("crop_size"), "image_size", "clip")
-        return np.zeros((0, 3, h, w), np.float32)
-    return np.stack([clip_image(crop_box(img, b), facts) for b in boxes])
+        return np.zeros((0, 3, h, w), np.float32), ok
+    return np.stack([clip_image(c, facts) for c in crops if c is not None]), ok

@@ -36,7 +36,7 @@ import numpy as np
 from . import heatmap
 from .errors import SpotdiffError
 from .fusion import iou_matrix
-from .matching import linear_sum_assignment
+from .matching import clip_similarity, linear_sum_assignment
 from .pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
 from .score import Sets, score_sets
 from .vocab import normalize_label
@@ -123,7 +123,7 @@ def _matrices(p: _Prep, ia: np.ndarray, ib: np.ndarray):
     same expressions on the same sub-arrays (a slice of the full matrices would differ in
     the last bits: BLAS sums in another order for other shapes)."""
     iou = iou_matrix(np.asarray(p.boxes[0][ia], np.float64), np.asarray(p.boxes[1][ib], np.float64))
-    sim = (p.emb[0][ia] @ p.emb[1][ib].T + 1.0) / 2.0
+    sim = clip_similarity(p.emb[0][ia], p.emb[1][ib], iou)
     same = p.labels[0][ia][:, None] == p.labels[1][ib][None, :]
     return iou, sim, same
 
