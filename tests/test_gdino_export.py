@@ -219,3 +219,18 @@ def test_hf_post_processing_has_no_phrases_key(built):
     assert set(notebook_labels) == {"object"}
     token_labels = Bundle.load(root).array(entry["token_labels_file"])
     assert len(set(token_labels[token_labels >= 0].tolist())) == len(ctx.vocabulary)  # one per label
+
+
+def test_the_notebook_feeds_each_image_at_its_own_size(built):
+    """Departure 2 (docs/departures.md): the notebook's processor call resizes every image to
+    its own canvas (shortest edge 800, longest at most 1333), so its Grounding DINO input
+    shape follows the image; a bundle runs one fixed canvas for every image."""
+    root, entry, ctx = built
+    _, processor = gdino.load_torch(Source("gdino", "local", str(root / "source/gdino")), ctx)
+    shapes = set()
+    for h, w in ((200, 260), (320, 240), (224, 224)):
+        image = np.zeros((h, w, 3), np.uint8)
+        shapes.add(tuple(processor(images=image, text=entry["prompt"], return_tensors="pt")
+                         ["pixel_values"].shape[2:]))
+    assert len(shapes) == 3  # the notebook: one input size per image shape
+    assert tuple(entry["image_size"]) == SIZE  # the bundle: one canvas

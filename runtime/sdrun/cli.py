@@ -99,6 +99,8 @@ def info(bundle, as_json):
                 click.echo(f"         int8: {q.get('weight_type')} weights up to "
                            f"|{graph_max_abs_weight(ge)}|, per channel {q.get('per_channel')}, "
                            f"tolerance rel_l2 {ge.get('tolerance', {}).get('rel_l2')}")
+        if "prompt" in e:
+            click.echo(f"  prompt     {e['prompt']!r}")
         if "preprocess" in e:
             click.echo(f"  preprocess {json.dumps(e['preprocess'])}")
     for key, eng in m.get("engines", {}).items():
