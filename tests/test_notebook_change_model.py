@@ -143,3 +143,16 @@ def test_a_checkpoint_of_another_shape_is_named(notebook_bundle, tmp_path):
                                           r"SiameseViTChange .*missing: backbone\.head\.weight, "
                                           r"backbone\.head\.bias; 1 unexpected: extra\.weight"):
         siamese.load_torch(Source("siamese", "preset", "tiny-random"), ctx, bad)
+
+
+def test_images_of_different_sizes_get_a_heat_map_each(notebook_bundle):
+    """Departure 6 (docs/departures.md): the notebook upsamples one map, to image 1's size,
+    and fuses image 2's boxes with it too; spotdiff gives each image a map of its own size."""
+    from sdrun.pipeline import Pipeline
+
+    _, out, _ = notebook_bundle
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)
+    r = Pipeline.load(out).diff(a, b)
+    assert [h.shape for h in r.heatmaps] == [(224, 224), (200, 260)]
