@@ -7,7 +7,7 @@ import sys
 import click
 
 from .bundle import Bundle
-from .cpu import graph_max_abs_weight
+from .cpu import cpu_info, graph_max_abs_weight, int8_clipping_warning, int8_kernel, isa_summary
 from .errors import SpotdiffError
 
 
@@ -120,8 +120,6 @@ def info(bundle, as_json):
 def int8_summary(b: Bundle) -> str:
     """Where an int8 bundle was quantised, what this CPU's int8 kernel is, and whether that
     kernel computes the bundle's weights exactly."""
-    from .cpu import cpu_info, int8_clipping_warning, int8_kernel, isa_summary
-
     q = b.manifest.get("build", {}).get("quantized_on", {})
     here = int8_kernel()
     where = (f"{q.get('cpu', '?')} ({q.get('isa', '?')}; int8 kernel {q.get('int8_kernel', '?')})"

@@ -240,20 +240,15 @@ class Pipeline:
         """CLIP embeddings of every box of every image, in as few calls as possible; a box
         whose crop is empty (`preprocess.crop_bounds`) gets a row of NaN, which matching
         reads as "no similarity: use the IoU", the notebook's fallback."""
-        crops, ok = zip(*(preprocess.clip_crops(im, b, self.clip_facts)
-                          for im, b in zip(images, boxes_px))) if len(images) else ((), ())
-        counts = [len(c) for c in crops]
-        if not sum(counts):
-            return [np.full((len(m), 0), np.nan, np.float32) for m in ok]
-        batch = np.concatenate(crops)
+        per_image = [preprocess.clip_crops(im, b, self.clip_facts) for im, b in zip(images, boxes_px)]
+        if not sum(len(c) for c, _ in per_image):
+            return [np.full((len(ok), 0), np.nan, np.float32) for _, ok in per_image]
+        batch = np.concatenate([c for c, _ in per_image])
         embeds = np.concatenate([self.clip.run({"crops": batch[i:i + CLIP_CHUNK]})["embeds"]
                                  for i in range(0, len(batch), CLIP_CHUNK)])
-        out = []
-        for part, m in zip(np.split(embeds, np.cumsum(counts)[:-1]), ok):
-            full = np.full((len(m), embeds.shape[1]), np.nan, embeds.dtype)
-            full[m] = part
-            out.append(full)
-        return out
+        full = np.full((sum(len(ok) for _, ok in per_image), embeds.shape[1]), np.nan, embeds.dtype)
+        full[np.concatenate([ok for _, ok in per_image])] = embeds
+        return np.split(full, np.cumsum([len(ok) for _, ok in per_image])[:-1])
 
     # ---- whole pairs -------------------------------------------------------------
     def diff(self, a, b, pair_id: str | None = None) -> PairResult:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import int8_clipping_warning
 from .errors import ProviderError
 
 PROVIDERS = {
@@ -139,8 +140,6 @@ def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
                            allow_onnx_fallback=allow_onnx_fallback, group=group, threads=threads)
     entry = bundle.model(model)["graphs"][graph]
     if provider == "cpu":
-        from .cpu import int8_clipping_warning
-
         warning = int8_clipping_warning(entry, f"{model}/{graph}")
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)

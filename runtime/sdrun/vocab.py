@@ -32,10 +32,14 @@ def synonym_map(name: str = DEFAULT_SYNONYMS) -> dict[str, str]:
     """'seed': the notebook's table (man, guy, worker, ... -> person; auto, sedan -> car;
     pickup, lorry -> truck; bike -> bicycle; fence -> barrier). 'rich': a wider one that
     also merges child/kid/baby/lady/... into person and strips plurals."""
+    return dict(_synonyms(name))
+
+
+def _synonyms(name: str) -> dict[str, str]:
     maps = _defaults()["synonyms"]
     if name not in maps:
         raise ValueError(f"unknown synonym map {name!r}; choose one of {', '.join(SYNONYM_MAPS)}")
-    return dict(maps[name])
+    return maps[name]
 
 
 def default_prompt_templates() -> list[str]:
@@ -58,11 +62,6 @@ def normalize_label(word: str, synonyms: str = DEFAULT_SYNONYMS) -> str:
     return w
 
 
-@lru_cache(maxsize=None)
-def _synonyms(name: str) -> dict[str, str]:
-    return synonym_map(name)
-
-
 def parse_label_cell(cell: str) -> list[str]:
     """A CSV cell as its words: split on spaces and commas, 'none' and empty words dropped
     (the notebook's reading of a cell)."""
@@ -81,7 +80,7 @@ def vocabulary_from_csv(path: str | Path, synonyms: str = DEFAULT_SYNONYMS) -> l
         for row in reader:
             for col in LABEL_COLUMNS:
                 labels.update(w for w in (normalize_label(x, synonyms) for x in parse_label_cell(row[col]))
-                              if w and w != "none")
+                              if w)
     if not labels:
         raise ValueError(f"{path}: no labels found in {', '.join(LABEL_COLUMNS)}")
     return sorted(labels)
