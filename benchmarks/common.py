@@ -304,17 +304,13 @@ def load_contenders(bundle: Path, int8: Path | None, which, timer: StageTimer = 
 
 
 def parse_params(items: list[str] | None) -> dict:
-    """--param KEY=VALUE (repeatable) -> {key: float or str}."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            out[key.strip()] = value.strip()
-    return out
+    """--param KEY=VALUE (repeatable) -> checked values, as `sdrun --param` reads them."""
+    from sdrun.params import ParamError, parse_overrides
+
+    try:
+        return parse_overrides(items or [])
+    except ParamError as e:
+        raise SystemExit(str(e)) from None
 
 
 PARAM_HELP = ("pipeline parameter override for every contender, KEY=VALUE (repeatable), e.g. "

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from sdexport.build import DEFAULT_PARAMS  # noqa: E402
 from sdexport.context import BuildContext  # noqa: E402
 from sdexport.models import gdino  # noqa: E402
 from sdexport.sources import Source, SourceError  # noqa: E402
@@ -39,7 +40,7 @@ def built(tmp_path_factory):
     ctx = _ctx()
     entry = gdino.export_model(Source("gdino", "preset", "tiny-random"), writer, ctx)
     writer.finalize({"vocabulary": ctx.vocabulary, "models": {"gdino": entry},
-                     "params_file": writer.save_json("params.json", {})})
+                     "params_file": writer.save_json("params.json", DEFAULT_PARAMS)})
     return root, entry, ctx
 
 

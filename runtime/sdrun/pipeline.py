@@ -31,17 +31,13 @@ from .bundle import Bundle
 from .fusion import weighted_boxes_fusion
 from .images import ImageError, as_rgb, load_image
 from .matching import match_objects
+from .params import GATE_SIGNALS, POST_DEFAULTS, check_combination, validate  # noqa: F401  (re-exported)
 from .session import open_graph
 
 VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
 CLIP_CHUNK = 64
 COLUMNS = ("added", "removed", "changed")
-GATE_SIGNALS = ("change_score", "change_logit")
-# Post-model parameters that bundles built before the "none" gates lack. A gate
-# `none_gate_<column>` is a threshold on the pair's `none_gate_signal`: below it, that
-# column says nothing. None (or -inf) is off, so these defaults change no result.
-POST_DEFAULTS = {"none_gate_signal": "change_score", "none_gate_added": None,
-                 "none_gate_removed": None, "none_gate_changed": None}
+
 
 
 @dataclass
@@ -126,7 +122,8 @@ class Pipeline:
         self.bundle = bundle
         self.provider = provider
         self.labels = bundle.vocabulary
-        self.params = {**bundle.params, **(params or {})}
+        self.params = {**bundle.params, **validate(params or {}, "Pipeline(params=...)")}
+        check_combination(self._merged(None), f"{bundle.root}: parameters with the overrides given")
         b = bundle
 
         def session(model, graph):
@@ -306,7 +303,7 @@ class Pipeline:
             for n, ((pair_id, _, _), (a, b)) in enumerate(zip(pairs, images))]
 
     def _merged(self, params: dict | None) -> dict:
-        return {**POST_DEFAULTS, **self.params, **(params or {})}
+        return {**POST_DEFAULTS, **self.params, **(validate(params, "params=") if params else {})}
 
     @staticmethod
     def _fused(heat, d: Detections, boxes_px, p) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ from . import heatmap
 from .errors import SpotdiffError
 from .fusion import iou_matrix
 from .matching import clip_similarity, linear_sum_assignment
+from .params import check_value
 from .pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
 from .score import Sets, score_sets
 from .vocab import normalize_label
@@ -86,6 +87,8 @@ def load_grid(path: str | Path | None) -> dict:
             raise TuneError(f"{path}: gate_signals can hold {', '.join(GATE_SIGNALS)}")
         if k == "gate_quantiles" and any(not 0 <= q <= 1 for q in v):
             raise TuneError(f"{path}: gate_quantiles must lie in [0, 1]")
+        if k in SWEPT:
+            v = [check_value(k, x, f"{path}: {k}[{i}]") for i, x in enumerate(v)]
         grid[k] = [float(x) for x in v] if k != "gate_signals" else list(v)
     return grid
 

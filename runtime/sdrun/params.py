@@ -1,0 +1,137 @@
+"""The pipeline's parameters: what each one is, and checking values in one place.
+
+Every way a parameter reaches the pipeline goes through `validate` (or `check_value`
+for one value): a bundle's `params.json` (at load), `--param NAME=VALUE`, a `sdrun tune`
+grid, the `params` of `Pipeline(...)` and `Pipeline.finish(...)`. A bad value is a
+`ParamError` that names its source (the file or the flag), the key and the value, never
+a numpy error (or silently empty answers) later, pair after pair.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .errors import SpotdiffError
+
+GATE_SIGNALS = ("change_score", "change_logit")
+COLUMNS = ("added", "removed", "changed")
+
+
+class ParamError(SpotdiffError):
+    """A parameter value that cannot be used; the message names its source and key."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str  # "unit": a number in [0, 1]; "nonneg": a number >= 0; "gate": null or a
+    #            number; "signal": one of GATE_SIGNALS
+    meaning: str
+
+
+MODEL_PARAMS = {  # every bundle's params.json has these (sdexport's defaults)
+    "det_thr": Spec("nonneg", "keep a box whose fused score = score * (1 + heat_lambda * hot "
+                              "share) reaches this"),
+    "iou_thr": Spec("unit", "a matched pair needs this affinity; below this IoU it 'changed'"),
+    "alpha": Spec("unit", "matching affinity = alpha * IoU + (1 - alpha) * CLIP similarity"),
+    "heat_lambda": Spec("nonneg", "how much a hot box's score is raised"),
+    "heat_th": Spec("unit", "a heatmap pixel is hot at or above this"),
+    "wbf_iou_thr": Spec("unit", "Weighted Boxes Fusion: boxes overlapping this much are fused"),
+    "wbf_skip_box_thr": Spec("unit", "Weighted Boxes Fusion: boxes scoring below this are dropped"),
+    "owlvit_score_thr": Spec("unit", "OWL-ViT: keep detections scoring at least this"),
+    "gdino_box_thr": Spec("unit", "Grounding DINO: keep detections scoring at least this"),
+}
+# Post-model parameters that bundles built before the "none" gates lack. A gate
+# `none_gate_<column>` is a threshold on the pair's `none_gate_signal`: below it, that
+# column says nothing. None is off, so these defaults change no result.
+POST_DEFAULTS: dict[str, Any] = {"none_gate_signal": "change_score", "none_gate_added": None,
+                                 "none_gate_removed": None, "none_gate_changed": None}
+POST_PARAMS = {
+    "none_gate_signal": Spec("signal", "what the 'none' gates compare with"),
+    **{f"none_gate_{c}": Spec("gate", f"below this signal, '{c}' says none (null: off)")
+       for c in COLUMNS},
+}
+PARAMS: dict[str, Spec] = {**MODEL_PARAMS, **POST_PARAMS}
+OFF_WORDS = ("off", "none", "null")  # --param none_gate_added=off
+
+
+def _shown(value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_value(key: str, value: Any, source: str) -> Any:
+    """`value` as the pipeline uses it (numbers as float), or ParamError naming
+    `source`, `key` and `value`."""
+    spec = PARAMS.get(key)
+    where = f"{source}: {key}={_shown(value)}"
+    if spec is None:
+        raise ParamError(f"{source}: unknown parameter {key!r}; known: {', '.join(PARAMS)}")
+    if spec.kind == "signal":
+        if value not in GATE_SIGNALS:
+            raise ParamError(f"{where}: none_gate_signal is one of {', '.join(GATE_SIGNALS)}")
+        return value
+    if value is None and spec.kind == "gate":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "null" if value is None else type(value).__name__
+        want = "a number or null (off)" if spec.kind == "gate" else "a number"
+        raise ParamError(f"{where}: expected {want}, got {kind}")
+    value = float(value)
+    if not math.isfinite(value):
+        off = "; write null (or --param KEY=off) to turn a gate off" if spec.kind == "gate" else ""
+        raise ParamError(f"{where}: must be a finite number{off}")
+    if spec.kind == "unit" and not 0.0 <= value <= 1.0:
+        raise ParamError(f"{where}: must lie in [0, 1] ({spec.meaning})")
+    if spec.kind == "nonneg" and value < 0.0:
+        raise ParamError(f"{where}: must be >= 0 ({spec.meaning})")
+    return value
+
+
+def validate(params: Any, source: str, complete: bool = False) -> dict[str, Any]:
+    """Every key and value of `params` checked (ParamError naming `source`); with
+    `complete`, every model parameter must be there (a bundle's params.json)."""
+    if not isinstance(params, Mapping):
+        raise ParamError(f"{source}: expected a JSON object of parameters like "
+                         f"{{\"det_thr\": 0.25}}, got {type(params).__name__}")
+    out = {str(k): check_value(str(k), v, source) for k, v in params.items()}
+    if complete:
+        missing = [k for k in MODEL_PARAMS if k not in out]
+        if missing:
+            raise ParamError(f"{source}: missing parameter(s) {', '.join(missing)}")
+    return out
+
+
+def check_combination(params: Mapping[str, Any], source: str) -> None:
+    """Checks across parameters of one complete set: a det_thr no box can reach."""
+    det, lam = params.get("det_thr"), params.get("heat_lambda")
+    if det is not None and lam is not None and det > 1.0 + lam:
+        raise ParamError(f"{source}: det_thr={det:g} keeps no box: fused scores are at most "
+                         f"1 + heat_lambda = {1.0 + lam:g}")
+
+
+def parse_overrides(items: Sequence[str], source: str = "--param") -> dict[str, Any]:
+    """`NAME=VALUE` strings (the command line's `--param`) as checked values."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ParamError(f"{source} {item!r}: expected NAME=VALUE, e.g. det_thr=0.3")
+        spec = PARAMS.get(key)
+        if spec is None:
+            raise ParamError(f"{source} {item!r}: unknown parameter {key!r}; known: {', '.join(PARAMS)}")
+        if spec.kind == "signal":
+            value: Any = text
+        elif spec.kind == "gate" and text.lower() in OFF_WORDS:
+            value = None
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ParamError(f"{source} {item!r}: {text!r} is not a number") from None
+        out[key] = check_value(key, value, source)
+    return out
