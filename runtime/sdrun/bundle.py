@@ -17,6 +17,8 @@ import numpy as np
 
 from .digests import DigestCache, sha256_file  # noqa: F401  (sha256_file: used by sdexport)
 from .errors import BundleError
+from .files import atomic_write
+from .params import validate as validate_params
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,6 +95,8 @@ class Bundle:
         for rel in bundle._named_files(manifest.get("models", {})):
             if rel not in files:
                 raise BundleError(f"{mpath}: {rel!r} is used but not listed in 'files'")
+        if "params_file" in manifest:
+            bundle.params  # noqa: B018  (an invalid params.json fails here, not pair after pair)
         return bundle
 
     @staticmethod
@@ -145,7 +149,11 @@ class Bundle:
         return self._cache[rel]
 
     def json(self, rel: str) -> Any:
-        return json.loads(self.path(rel).read_text())
+        path = self.path(rel)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path}: not valid JSON ({e})") from None
 
     @property
     def vocabulary(self) -> list[str]:
@@ -153,7 +161,22 @@ class Bundle:
 
     @property
     def params(self) -> dict[str, Any]:
-        return self.json(self.manifest["params_file"])
+        """The bundle's parameters, checked (`sdrun.params`): numbers as float."""
+        rel = self.manifest.get("params_file")
+        if not rel:
+            raise BundleError(f"{self.root / MANIFEST}: no params_file")
+        return validate_params(self.json(rel), str(self.path(rel)), complete=True)
+
+    @property
+    def content_id(self) -> str:
+        """sha256 over every file's recorded digest except the parameters file: what the
+        models compute. Tuning (a new params.json) does not change it."""
+        params = self.manifest.get("params_file")
+        h = hashlib.sha256()
+        for rel, meta in sorted(self.manifest["files"].items()):
+            if rel != params:
+                h.update(f"{rel}\0{meta.get('sha256') if isinstance(meta, dict) else meta}\n".encode())
+        return h.hexdigest()
 
 
 def write_params(root: str | Path, params: dict[str, Any], backup: bool = True) -> Path:
@@ -166,8 +189,6 @@ def write_params(root: str | Path, params: dict[str, Any], backup: bool = True) 
     (not listed in the manifest): if the process dies between the two moves, the
     manifest still describes the old file and `cp params.json.bak params.json`
     restores a bundle that loads. Returns the path of the parameters file."""
-    import os
-
     root = Path(root)
     mpath = root / MANIFEST
     manifest = Bundle.load(root, verify=False).manifest
@@ -175,21 +196,12 @@ def write_params(root: str | Path, params: dict[str, Any], backup: bool = True) 
     if not rel or rel not in manifest["files"]:
         raise BundleError(f"{mpath}: no params_file listed in 'files'")
     path = resolve_inside(root, rel)
-    try:  # standard JSON only: NaN and infinities are refused (use null for "off")
-        data = (json.dumps(params, indent=2, allow_nan=False) + "\n").encode()
-    except ValueError as e:
-        raise BundleError(f"{path}: parameters must be finite numbers, strings or null ({e})") from None
+    params = validate_params(params, f"parameters for {path}", complete=True)
+    data = (json.dumps(params, indent=2, allow_nan=False) + "\n").encode()
     if backup and path.exists():
-        bak = path.with_name(path.name + ".bak")
-        tmp = bak.with_name(f".{bak.name}.tmp")
-        tmp.write_bytes(path.read_bytes())
-        os.replace(tmp, bak)
+        atomic_write(path.with_name(path.name + ".bak"), path.read_bytes())
     manifest["files"][rel] = {**manifest["files"][rel], "sha256": hashlib.sha256(data).hexdigest(),
                               "bytes": len(data)}
-    mtext = json.dumps(manifest, indent=2) + "\n"
-    ptmp, mtmp = path.with_name(f".{path.name}.tmp"), mpath.with_name(f".{MANIFEST}.tmp")
-    ptmp.write_bytes(data)
-    mtmp.write_text(mtext)
-    os.replace(ptmp, path)
-    os.replace(mtmp, mpath)
+    atomic_write(path, data)
+    atomic_write(mpath, json.dumps(manifest, indent=2) + "\n")
     return path

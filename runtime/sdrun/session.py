@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .cpu import int8_clipping_warning
-from .errors import ProviderError
+from .errors import BundleError, ProviderError, SpotdiffError
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -79,12 +79,20 @@ class OnnxModel:
         if self.provider == "cuda":
             # fp32 means fp32: no TF32 matrix products (they break the 1e-5 golden check).
             providers = [(wanted, {"device_id": self.device, "use_tf32": 0})]
-        if self.provider == "cpu":  # optimised graphs cached across processes
-            from .ortcache import create_session
+        try:
+            if self.provider == "cpu":  # optimised graphs cached across processes
+                from .ortcache import create_session
 
-            session = create_session(ort, self.path, opts, providers)
-        else:
-            session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+                session = create_session(ort, self.path, opts, providers)
+            else:
+                session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except SpotdiffError:
+            raise
+        except Exception as e:  # noqa: BLE001  (onnxruntime's InvalidProtobuf, Fail, ... derive from Exception)
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise BundleError(f"{self.path}: onnxruntime cannot load this graph "
+                              f"({type(e).__name__}: {detail[:300]}); rebuild the bundle "
+                              "with `sdexport build`") from None
         if wanted not in session.get_providers():
             # onnxruntime quietly drops a provider whose libraries fail to load.
             raise ProviderError(
