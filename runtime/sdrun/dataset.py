@@ -1,10 +1,10 @@
 """The competition's data layout: `DIR/data/{id}_1.png`, `{id}_2.png`, CSVs of ids and labels."""
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from .csvfile import read_csv
 from .errors import SpotdiffError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -31,24 +31,30 @@ def image_dir(data: Path) -> Path:
     return data / "data" if (data / "data").is_dir() else data
 
 
-def _find(folder: Path, stem: str) -> Path | None:
-    for ext in IMAGE_EXTS:
-        p = folder / f"{stem}{ext}"
-        if p.exists():
-            return p
-    return None
+class _Finder:
+    """`folder/stem.<ext>` for the first image extension that exists, in any letter
+    case (`10000_1.PNG` too; the folder is listed once, at the first miss)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self._by_lower = folder, None
+
+    def __call__(self, stem: str) -> Path | None:
+        for ext in IMAGE_EXTS:
+            p = self.folder / f"{stem}{ext}"
+            if p.exists():
+                return p
+        if self._by_lower is None:
+            self._by_lower = {q.name.lower(): q for q in self.folder.iterdir()}
+        return next((self._by_lower[f"{stem}{ext}".lower()] for ext in IMAGE_EXTS
+                     if f"{stem}{ext}".lower() in self._by_lower), None)
 
 
 def read_ids(csv_path: Path) -> list[str]:
-    csv_path = Path(csv_path)
-    try:
-        with csv_path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "img_id" not in reader.fieldnames:
-                raise DatasetError(f"{csv_path}: no img_id column (columns: {reader.fieldnames})")
-            return [row["img_id"].strip() for row in reader if row.get("img_id", "").strip()]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"{csv_path}: cannot be read as a CSV ({e})") from None
+    """The CSV's img_id column, in order (empty cells skipped)."""
+    names, rows = read_csv(csv_path)
+    if "img_id" not in names:
+        raise DatasetError(f"{csv_path}: no img_id column (columns: {', '.join(names) or 'none'})")
+    return [row["img_id"].strip() for _, row in rows if (row.get("img_id") or "").strip()]
 
 
 def list_pairs(data: str | Path, csv_path: str | Path | None = None) -> list[PairSource]:
@@ -62,14 +68,14 @@ def list_pairs(data: str | Path, csv_path: str | Path | None = None) -> list[Pai
         ids = sorted({p.name.rsplit("_1", 1)[0] for p in folder.iterdir()
                       if p.suffix.lower() in IMAGE_EXTS and p.stem.endswith("_1")},
                      key=lambda s: (len(s), s))
-    pairs, seen = [], set()
+    pairs, seen, find = [], set(), _Finder(folder)
     for pair_id in ids:
         if pair_id in seen:
             pairs.append(PairSource(pair_id, None, None, f"duplicate id {pair_id!r} in {csv_path}: "
                                     "run once, the repeat skipped"))
             continue
         seen.add(pair_id)
-        a, b = _find(folder, f"{pair_id}_1"), _find(folder, f"{pair_id}_2")
+        a, b = find(f"{pair_id}_1"), find(f"{pair_id}_2")
         missing = [f"{pair_id}_{k}.png" for k, p in ((1, a), (2, b)) if p is None]
         problem = f"{folder}: no image {' or '.join(missing)}" if missing else None
         pairs.append(PairSource(pair_id, a, b, problem))

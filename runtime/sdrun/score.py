@@ -20,11 +20,11 @@ the three columns averaged. It ignores rows where both sides say "none".
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from .csvfile import CsvError, read_csv
 from .errors import SpotdiffError
 from .vocab import LABEL_COLUMNS, normalize_label, parse_label_cell
 
@@ -57,30 +57,31 @@ def read_label_csv(path: str | Path, normalize: bool = False, role: str = "label
     a missing file or column, an empty id, or repeated ids (all of them listed)."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in ("img_id", *COLUMNS) if c not in fields]
-            if missing:
-                raise ScoreError(f"{path} ({role}): missing column(s) {', '.join(missing)}; "
-                                 f"expected img_id,{','.join(COLUMNS)} (found: {','.join(fields) or 'nothing'})")
-            rows: dict[str, Sets] = {}
-            dupes: dict[str, int] = {}
-            blank = []
-            for line_no, raw in enumerate(reader, start=2):
-                row = {(k or "").strip(): v for k, v in raw.items()}
-                pid = (row.get("img_id") or "").strip()
-                if not pid:
-                    if any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                        blank.append(str(line_no))
-                    continue
-                if pid in rows:
-                    dupes[pid] = dupes.get(pid, 1) + 1
-                    continue
-                rows[pid] = tuple(cell_set(row.get(c), normalize) for c in COLUMNS)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ScoreError(f"{path} ({role}): cannot be read as a CSV ({e})") from None
+        fields, reader = read_csv(path, role)
+        missing = [c for c in ("img_id", *COLUMNS) if c not in fields]
+        if missing:
+            raise ScoreError(f"{path} ({role}): missing column(s) {', '.join(missing)}; "
+                             f"expected img_id,{','.join(COLUMNS)} (found: {','.join(fields) or 'nothing'})")
+        rows: dict[str, Sets] = {}
+        dupes: dict[str, int] = {}
+        blank, surplus = [], []
+        for line_no, row in reader:
+            if None in row:
+                surplus.append(str(line_no))
+            pid = (row.get("img_id") or "").strip()
+            if not pid:
+                blank.append(str(line_no))
+                continue
+            if pid in rows:
+                dupes[pid] = dupes.get(pid, 1) + 1
+                continue
+            rows[pid] = tuple(cell_set(row.get(c), normalize) for c in COLUMNS)
+    except CsvError as e:
+        raise ScoreError(str(e)) from None
     problems = []
+    if surplus:
+        problems.append(f"more cells than columns on line(s) {list_ids(surplus)} (a list of "
+                        "labels with commas must be quoted: \"box,cone\")")
     if blank:
         problems.append(f"rows without an img_id on line(s) {list_ids(blank)}")
     if dupes:

@@ -18,7 +18,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .dataset import IMAGE_EXTS
+from .errors import SpotdiffError
 from .vocab import normalize_label
+
+
+class SynthError(SpotdiffError):
+    """An output folder synth would mix its pairs into."""
 
 CLASSES = ("person", "car", "box", "cone", "bag", "umbrella", "bicycle", "sign")
 P_NO_CHANGE = 0.15  # the real train.csv has 2.8% all-none rows; tests need some
@@ -234,10 +240,26 @@ def pair_rng(seed, i):
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
 
 
-def write_synthetic_pairs(out_dir, n_pairs, seed=0, size=(224, 224), labels=None) -> Path:
-    """Write out_dir/data/{id}_1.png, {id}_2.png (ids 10000 + i) and out_dir/labels.csv."""
+def write_synthetic_pairs(out_dir, n_pairs, seed=0, size=(224, 224), labels=None,
+                          overwrite: bool = False) -> Path:
+    """Write out_dir/data/{id}_1.png, {id}_2.png (ids 10000 + i) and out_dir/labels.csv.
+
+    A folder that holds other images (another dataset, or more pairs from an earlier
+    call) is refused (SynthError): they would be mixed with these pairs, or replaced.
+    `overwrite` deletes the images of `out_dir/data` first."""
     out_dir = Path(out_dir)
-    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    data = out_dir / "data"
+    names = {f"{10000 + i}_{k}.png" for i in range(n_pairs) for k in (1, 2)}
+    existing = [p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS] if data.is_dir() else []
+    others = sorted(p.name for p in existing if p.name not in names)
+    if existing and overwrite:
+        for p in existing:
+            p.unlink()
+    elif others:
+        raise SynthError(f"{data}: holds {len(others)} image(s) that are not these {n_pairs} pairs "
+                         f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); choose an "
+                         "empty folder, or add --overwrite to delete the folder's images first")
+    data.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n_pairs):
         img_id = 10000 + i

@@ -4,12 +4,13 @@ Labels are single lower-case words, as in the competition's CSVs.
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+from .csvfile import read_csv
 
 LABEL_COLUMNS = ("added_objs", "removed_objs", "changed_objs")
 
@@ -72,15 +73,14 @@ def vocabulary_from_csv(path: str | Path, synonyms: str = DEFAULT_SYNONYMS) -> l
     """Every normalised label of a competition CSV, sorted (the notebook's vocabulary)."""
     labels: set[str] = set()
     path = Path(path)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-        for row in reader:
-            for col in LABEL_COLUMNS:
-                labels.update(w for w in (normalize_label(x, synonyms) for x in parse_label_cell(row[col]))
-                              if w)
+    names, rows = read_csv(path)
+    missing = [c for c in LABEL_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    for _, row in rows:
+        for col in LABEL_COLUMNS:
+            labels.update(w for w in (normalize_label(x, synonyms) for x in parse_label_cell(row.get(col)))
+                          if w)
     if not labels:
         raise ValueError(f"{path}: no labels found in {', '.join(LABEL_COLUMNS)}")
     return sorted(labels)
