@@ -134,25 +134,9 @@ def int8_summary(b: Bundle) -> str:
 
 
 def _params(values: tuple[str, ...]) -> dict:
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. det_thr=0.3")
-        key = key.strip()
-        if key == "none_gate_signal":
-            from .pipeline import GATE_SIGNALS
+    from .params import parse_overrides
 
-            if value.strip() not in GATE_SIGNALS:
-                raise click.BadParameter(f"{item!r}: none_gate_signal is one of "
-                                         f"{', '.join(GATE_SIGNALS)}")
-            out[key] = value.strip()
-            continue
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise click.BadParameter(f"{item!r}: {value!r} is not a number") from None
-    return out
+    return parse_overrides(values)
 
 
 _FALLBACK_KEY = "sdrun.allow_onnx_fallback"
@@ -191,14 +175,27 @@ def _pipeline(bundle, provider, threads, params):
     fallback = bool(ctx and ctx.meta.get(_FALLBACK_KEY))
     pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=_params(params),
                          allow_onnx_fallback=fallback)
-    from .pipeline import POST_DEFAULTS
-
-    known = set(pipe.bundle.params) | set(POST_DEFAULTS)
-    unknown = set(_params(params)) - known
-    if unknown:
-        raise click.BadParameter(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: "
-                                 f"{', '.join(sorted(known))}")
     return pipe.open_sessions()
+
+
+def check_run_paths(bundle, pairs, csv_path, out, details, viz_dir) -> None:
+    """Refuse (OutputPathError) outputs of `sdrun run` that would overwrite an input image,
+    the ids CSV, a file of the bundle, or each other."""
+    from pathlib import Path
+
+    from .files import check_output_paths
+    from .runner import run_record_path
+
+    outputs = {"--out": out, "--details": details,
+               "the run record of --details": run_record_path(details)}
+    if viz_dir is not None:
+        outputs.update({f"the --viz picture of pair {p.pair_id}": viz_dir / f"{p.pair_id}.png"
+                        for p in pairs})
+    inputs = [(f"pair {p.pair_id}'s input image", path)
+              for p in pairs for path in (p.a, p.b) if path is not None]
+    if csv_path:
+        inputs.append(("the --csv file", Path(csv_path)))
+    check_output_paths(outputs, inputs, [("the bundle", Path(bundle))])
 
 
 @main.command()
@@ -217,13 +214,18 @@ def _pipeline(bundle, provider, threads, params):
 @click.option("--batch-pairs", default=1, show_default=True, type=click.IntRange(1),
               help="Pairs per model call (each pair is 4 detector views).")
 @click.option("--resume", is_flag=True,
-              help="Keep the pairs already in the details file and run the rest.")
+              help="Keep the pairs already in the details file and run the rest (and the ones "
+                   "that failed). The details file must come from the same bundle, parameters "
+                   "and spotdiff version: DETAILS.run.json records them.")
+@click.option("--force-rerun", is_flag=True,
+              help="With --resume: when the details file was written with other settings, "
+                   "rerun every pair instead of stopping with an error.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @PROVIDER
 @THREADS
 @PARAM
-def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, quiet, provider,
-        threads, params):
+def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, force_rerun, quiet,
+        provider, threads, params):
     """Run the pipeline on a folder of pairs and write a submission.
 
     A pair that cannot be read (missing, empty, truncated or non-image file) is
@@ -236,14 +238,16 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, quie
     from .dataset import list_pairs
     from .runner import run_dataset
 
-    pipe = _pipeline(bundle, provider, threads, params)
     pairs = list_pairs(data, csv_path)
     if not pairs:
         raise click.UsageError(f"no pairs found in {data} (expected data/{{id}}_1.png, {{id}}_2.png)")
     out = Path(out)
     details = Path(details) if details else out.with_suffix(".details.jsonl")
+    viz = Path(viz_dir) if viz_dir else None
+    check_run_paths(bundle, pairs, csv_path, out, details, viz)
+    pipe = _pipeline(bundle, provider, threads, params)
     summary = run_dataset(pipe, pairs, out, details, batch_pairs=batch_pairs, resume=resume,
-                          viz_dir=Path(viz_dir) if viz_dir else None, progress=not quiet)
+                          viz_dir=viz, progress=not quiet, force_rerun=force_rerun)
     click.echo(f"{summary.total} pairs ({summary.done_before} done before), "
                f"{len(summary.failed)} failed -> {out}, {details}", err=True)
     if summary.failed or summary.duplicates:
@@ -261,8 +265,14 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, quie
 @PARAM
 def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
     """What changed from IMAGE_A to IMAGE_B: added, removed and changed labels."""
+    from pathlib import Path
+
+    from .files import check_output_paths
     from .images import load_image
 
+    if viz:
+        check_output_paths({"--viz": Path(viz)}, [("IMAGE_A", Path(image_a)), ("IMAGE_B", Path(image_b))],
+                           [("the bundle", Path(bundle))])
     pipe = _pipeline(bundle, provider, threads, params)
     a, b = load_image(image_a), load_image(image_b)
     r = pipe.diff(a, b)
@@ -290,12 +300,15 @@ def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--size", default=224, show_default=True, type=click.IntRange(32),
               help="Square image size in pixels.")
-def synth(out, n_pairs, seed, size):
+@click.option("--overwrite", is_flag=True,
+              help="Delete the images already in OUT/data first (without it, a folder holding "
+                   "other images is refused).")
+def synth(out, n_pairs, seed, size, overwrite):
     """Make synthetic labelled pairs: simple objects added, removed, moved or recoloured,
     with brightness and blocky compression-like distractors."""
     from .synth import write_synthetic_pairs
 
-    labels = write_synthetic_pairs(out, n_pairs, seed=seed, size=(size, size))
+    labels = write_synthetic_pairs(out, n_pairs, seed=seed, size=(size, size), overwrite=overwrite)
     click.echo(f"{n_pairs} pairs -> {labels.parent / 'data'}, labels in {labels}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -29,9 +30,9 @@ def _warn(msg: str) -> None:
 
 
 def _pipeline(bundle, provider, threads, params=()):
-    """As `sdrun run`'s, but the "none" gate parameters may be given to any bundle."""
+    """As `sdrun run`'s, but each session opens at its first use (a filled cache needs none)."""
     from . import cli
-    from .pipeline import POST_DEFAULTS, Pipeline
+    from .pipeline import Pipeline
 
     overrides = cli._params(params)
     extra = {}
@@ -40,11 +41,6 @@ def _pipeline(bundle, provider, threads, params=()):
     if key and ctx and ctx.meta.get(key):
         extra["allow_onnx_fallback"] = True
     pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=overrides, **extra)
-    known = set(pipe.bundle.params) | set(POST_DEFAULTS)
-    unknown = set(overrides) - known
-    if unknown:
-        raise click.BadParameter(f"unknown parameter(s) {', '.join(sorted(unknown))}; the bundle has "
-                                 f"{', '.join(sorted(known))}")
     return pipe
 
 
@@ -63,7 +59,8 @@ def register(group) -> None:
         """Score SUBMISSION.csv against TRUTH.csv with the competition's metric.
 
         For each row and column, the F1 of the predicted and true word sets (words split
-        on spaces; 'none' is the empty set; both empty scores 1, exactly one empty 0);
+        on spaces and commas; 'none' in any case, an empty or blank cell is the empty set;
+        both empty scores 1, exactly one empty 0);
         rows averaged per column, then the three columns averaged. Beside it, the
         micro set-F1 (every (row, word) pooled per column), for comparison with the
         seed's set-F1.
@@ -115,16 +112,19 @@ def register(group) -> None:
         with the synonym map unless --raw-labels.
         """
 
-        from .evaluate import evaluate, load_labelled, write_report
+        from .evaluate import REPORT_FILES, evaluate, load_labelled, write_report
+        from .files import check_output_paths
         from .tune import split_ids
 
+        check_output_paths({f"--out {name}": Path(out) / name for name in REPORT_FILES},
+                           [("the --csv file", Path(csv_path))], [("the bundle", Path(bundle))])
         pipe = _pipeline(bundle, provider, threads, params)
         lab = load_labelled(data, csv_path, normalize=not raw_labels, warn=_warn)
         pairs = lab.pairs
         split = "every pair"
         if val_frac > 0:
-            _, val = split_ids([p[0] for p in pairs], val_frac, seed)
-            pairs = [p for p in pairs if p[0] in set(val)]
+            val = set(split_ids([p[0] for p in pairs], val_frac, seed)[1])
+            pairs = [p for p in pairs if p[0] in val]
             split = f"the validation split (--val-frac {val_frac} --seed {seed})"
         t0 = time.perf_counter()
         cache_note = "no cache (models run directly)"
@@ -269,8 +269,6 @@ def register(group) -> None:
             verdict += f"; written to {path} (previous parameters in {path.name}.bak)"
         click.echo(verdict)
         if json_out:
-            from pathlib import Path
-
             Path(json_out).write_text(json.dumps({
                 "pairs": {"train": s.n_train, "val": s.n_val}, "val_frac": val_frac, "seed": seed,
                 "current": {"params": s.current, "train": s.current_train, "val": s.current_val},

@@ -28,6 +28,8 @@ from .pipeline import COLUMNS, PairResult
 from .score import COLUMNS as CSV_COLUMNS, Score, Sets, label_counts, list_ids, read_label_csv, score_sets
 from .vocab import normalize_label
 
+REPORT_FILES = ("report.md", "predictions.csv", "pairs.csv", "score_vs_change.png")
+
 SHORT = dict(zip(CSV_COLUMNS, COLUMNS))
 NONE_SETS: Sets = (frozenset(), frozenset(), frozenset())
 
