@@ -14,20 +14,30 @@ no second run). Writes accuracy_<bundle>.json/.md/.png and prints the table last
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: thread settings before torch)
-
 import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (first: thread settings before torch)
 import numpy as np
+from common import (
+    CONTENDERS,
+    add_common_args,
+    bundle_label,
+    int8_bundle_for,
+    load_contenders,
+    machine,
+    make_pairs,
+    md_table,
+    parse_params,
+    publish,
+    pyplot,
+    save_figure,
+    save_partial,
+)
 from scipy.optimize import linear_sum_assignment
-
-from common import (CONTENDERS, add_common_args, bundle_label, int8_bundle_for, load_contenders,
-                    machine, make_pairs, md_table, parse_params, publish, pyplot, save_figure,
-                    save_partial)
 
 MATCH_IOU = 0.5
 

@@ -1,4 +1,4 @@
-"""Time sdrun.fusion.weighted_boxes_fusion against ensemble-boxes 1.0.9.
+"""Time sdrun.stages.fusion.weighted_boxes_fusion against ensemble-boxes 1.0.9.
 
     python benchmarks/bench_wbf.py [--repeats 30] [--warmup 3] [--seed 0]
 
@@ -26,10 +26,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    from sdrun.fusion import weighted_boxes_fusion as sdrun_wbf
+    from sdrun.stages.fusion import weighted_boxes_fusion as sdrun_wbf
 except ImportError:  # not installed: use the checkout
     sys.path.insert(0, str(ROOT / "runtime"))
-    from sdrun.fusion import weighted_boxes_fusion as sdrun_wbf
+    from sdrun.stages.fusion import weighted_boxes_fusion as sdrun_wbf
 
 SCENARIOS = [
     # name, models, boxes per model, labels, iou_thr

@@ -10,7 +10,7 @@ after one untimed trial of each so that the files are in the page cache for ever
            which verifies every file against the manifest's sha256, and
            `open_sessions()`, which creates every onnxruntime session (in parallel). As on
            any start after the bundle's first on a machine, the digests of unchanged files
-           are remembered (`sdrun.digests`) and the optimised graphs cached (`sdrun.ortcache`);
+           are remembered (`sdrun.bundle.digests`) and the optimised graphs cached (`sdrun.backends.ortcache`);
 - sdrun (first load): the same with neither remembered (SPOTDIFF_DIGEST_CACHE=0,
            SPOTDIFF_GRAPH_CACHE=0): every file hashed, every graph optimised;
 - torch:   `import torch, transformers, open_clip, timm` + the optimised PyTorch pipeline
@@ -23,8 +23,6 @@ coldstart_<bundle>.json/.md/.png and prints the table last.
 """
 from __future__ import annotations
 
-import common  # noqa: F401
-
 import argparse
 import json
 import os
@@ -35,8 +33,18 @@ import textwrap
 import time
 from pathlib import Path
 
-from common import (RESULTS, THREADS, bundle_label, machine, md_table, publish, pyplot,
-                    save_figure, summary)
+import common  # noqa: F401
+from common import (
+    RESULTS,
+    THREADS,
+    bundle_label,
+    machine,
+    md_table,
+    publish,
+    pyplot,
+    save_figure,
+    summary,
+)
 
 CHILD_PRELUDE = textwrap.dedent("""
     import json, os, sys, time
@@ -78,7 +86,7 @@ CHILD_END = textwrap.dedent("""
     out = {"import_s": t_import - t_start, "load_s": t_load - t_import,
            "peak_rss_load_mib": vm("VmHWM"), "rss_load_mib": vm("VmRSS")}
     if FIRST_PAIR:
-        from sdrun.synth import make_pair, pair_rng
+        from sdrun.apps.synth import make_pair, pair_rng
         a, b, _, _ = make_pair(pair_rng(0, 0), size=(224, 224))
         t0 = time.perf_counter()
         first(a, b)

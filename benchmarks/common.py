@@ -45,7 +45,7 @@ FAIRNESS_NOTE = (f"{THREADS} threads for every contender (torch.set_num_threads(
 # ---- the machine ---------------------------------------------------------------------------
 
 def machine() -> dict:
-    from sdrun.cpu import cpu_info, int8_kernel, isa_summary
+    from sdrun.backends.cpu import cpu_info, int8_kernel, isa_summary
 
     cpu = cpu_info().get("model") or platform.processor() or platform.machine()
     mem = None
@@ -78,8 +78,8 @@ def machine() -> dict:
 
 def make_pairs(n: int, seed: int = 0, real: bool = True) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The two real pairs first (when ../shared/data is there), then synthetic 224x224 pairs."""
-    from sdrun.images import load_image
-    from sdrun.synth import make_pair, pair_rng
+    from sdrun.apps.synth import make_pair, pair_rng
+    from sdrun.stages.images import load_image
 
     pairs = []
     if real:
@@ -153,13 +153,13 @@ TIMER = StageTimer()
 # modules, so wrapping the module attribute times them; names that a restructured
 # pipeline no longer has are skipped).
 SDRUN_FUNCTIONS = {
-    "sdrun.preprocess": {"preprocess": ["owlvit_pixels", "gdino_pixels", "siamese_pixels",
+    "sdrun.stages.preprocess": {"preprocess": ["owlvit_pixels", "gdino_pixels", "siamese_pixels",
                                         "clip_crops", "hflip"]},
-    "sdrun.detect": {"decode": ["owlvit_detections", "gdino_detections", "unflip"]},
-    "sdrun.fusion": {"WBF": ["weighted_boxes_fusion"]},
+    "sdrun.stages.detect": {"decode": ["owlvit_detections", "gdino_detections", "unflip"]},
+    "sdrun.stages.fusion": {"WBF": ["weighted_boxes_fusion"]},
     "sdrun.pipeline": {"WBF": ["weighted_boxes_fusion"], "matching": ["match_objects"]},
-    "sdrun.heatmap": {"heat fusion": ["upsample_heat", "hot_share", "fuse_scores", "change_score"]},
-    "sdrun.matching": {"matching": ["match_objects"]},
+    "sdrun.stages.heatmap": {"heat fusion": ["upsample_heat", "hot_share", "fuse_scores", "change_score"]},
+    "sdrun.stages.matching": {"matching": ["match_objects"]},
 }
 MODEL_STAGES = {"owl_image": "OWL-ViT", "gdino": "Grounding DINO", "siamese": "Siamese",
                 "clip": "CLIP"}
@@ -305,7 +305,7 @@ def load_contenders(bundle: Path, int8: Path | None, which, timer: StageTimer = 
 
 def parse_params(items: list[str] | None) -> dict:
     """--param KEY=VALUE (repeatable) -> checked values, as `sdrun --param` reads them."""
-    from sdrun.params import ParamError, parse_overrides
+    from sdrun.bundle.params import ParamError, parse_overrides
 
     try:
         return parse_overrides(items or [])

@@ -16,17 +16,15 @@ the graphs are the same, and measures the peak again at the start of every run).
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: thread settings)
-
 import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (first: thread settings)
 import numpy as np
-
-from common import THREADS, RESULTS, machine, md_table, write_outputs
+from common import RESULTS, THREADS, machine, md_table, write_outputs
 
 MATMUL = {"MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
           "QLinearMatMul"}
@@ -87,7 +85,7 @@ def graph_flops(path: Path, feeds: dict[str, np.ndarray]) -> dict:
 
 def unit_feeds(bundle, model: str, graph: str) -> tuple[dict, str]:
     """Batch-1 inputs for a graph (the golden inputs' first item) and what one unit is."""
-    from sdrun.check import golden_cases
+    from sdrun.apps.check import golden_cases
 
     entry = bundle.model(model)
     cases = golden_cases(bundle.arrays(entry["golden_file"]))
@@ -99,7 +97,7 @@ def unit_feeds(bundle, model: str, graph: str) -> tuple[dict, str]:
 
 def bundle_flops(bundle_dir: Path, log=print) -> dict:
     """{model/graph: {"gflop": per unit, "unit": ..., "by_op": {...}}} of a bundle."""
-    from sdrun.bundle import Bundle
+    from sdrun.bundle.bundle import Bundle
 
     bundle = Bundle.load(bundle_dir, verify=False)
     out = {}

@@ -15,15 +15,13 @@ Writes gdino_stability_<bundle>.json/.md and prints the table last.
 """
 from __future__ import annotations
 
-import common  # noqa: F401
-
 import argparse
 from pathlib import Path
 
+import common  # noqa: F401
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-
 from common import RESULTS, THREADS, machine, make_pairs, md_table, write_outputs
+from scipy.optimize import linear_sum_assignment
 
 
 def compare(a, b) -> dict:

@@ -68,9 +68,9 @@ def cmd_env(a):
         except Exception as e:  # noqa: BLE001
             out[mod] = f"absent ({type(e).__name__}: {str(e)[:120]})"
     try:
-        from cuda.bindings import runtime  # noqa: F401
-
         import importlib.metadata as md
+
+        from cuda.bindings import runtime  # noqa: F401
         out["cuda-bindings"] = md.version("cuda-bindings")
     except Exception as e:  # noqa: BLE001
         out["cuda-bindings"] = f"absent ({e})"
@@ -95,7 +95,7 @@ def cmd_env(a):
     except Exception as e:  # noqa: BLE001
         out["torch_cuda"] = f"error {e}"
     try:
-        from sdrun.trt import current_key
+        from sdrun.backends.trt import current_key
 
         out["engine_key_fp16"] = current_key("fp16")
     except Exception as e:  # noqa: BLE001
@@ -126,7 +126,7 @@ def cmd_matmul(a):
 
 # ---- models and inputs --------------------------------------------------------------------------
 def load_bundle(path):
-    from sdrun.bundle import Bundle
+    from sdrun.bundle.bundle import Bundle
 
     return Bundle.load(path, verify=False)
 
@@ -193,7 +193,7 @@ class TorchRunner:
 
 
 def sessions(bundle, root, backend, model, graph):
-    from sdrun.session import open_graph
+    from sdrun.backends.session import open_graph
 
     if backend == "trt-fp16":
         return open_graph(bundle, model, graph, provider="tensorrt:fp16")
@@ -241,7 +241,7 @@ def cmd_latency(a):
     # sdrun end to end (preprocessing, TTA, WBF, heatmaps, CLIP crops, matching included)
     if a.e2e_pairs:
         from sdrun import Pipeline
-        from sdrun.synth import write_synthetic_pairs
+        from sdrun.apps.synth import write_synthetic_pairs
 
         data = Path(a.work) / "e2e_pairs"
         write_synthetic_pairs(data, a.e2e_pairs, seed=1)
@@ -281,7 +281,7 @@ def cmd_latency(a):
 
 
 def _any_pairs(data):
-    from sdrun.dataset import list_pairs
+    from sdrun.apps.dataset import list_pairs
 
     return [(p.pair_id, p.a, p.b) for p in list_pairs(data)]
 
@@ -333,7 +333,7 @@ def cmd_tflops(a):
 # ---- agreement --------------------------------------------------------------------------------
 def cmd_agree(a):
     from sdrun import Pipeline
-    from sdrun.synth import write_synthetic_pairs
+    from sdrun.apps.synth import write_synthetic_pairs
 
     bundle = load_bundle(a.bundle)
     data = Path(a.work) / "agree_pairs"

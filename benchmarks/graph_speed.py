@@ -12,13 +12,12 @@ u8*s8 products per instruction, AVX2 two. Writes graph_speed_<int8 bundle>_<int8
 """
 from __future__ import annotations
 
-import common  # noqa: F401
-
 import argparse
 import statistics
 import time
 from pathlib import Path
 
+import common  # noqa: F401
 from common import RESULTS, THREADS, machine, md_table, write_outputs
 
 
@@ -30,9 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", action="append", help="only this model (repeatable)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    from sdrun.bundle import Bundle
-    from sdrun.check import golden_cases
-    from sdrun.session import open_graph
+    from sdrun.apps.check import golden_cases
+    from sdrun.backends.session import open_graph
+    from sdrun.bundle.bundle import Bundle
 
     bundles = {"fp32": Bundle.load(args.fp32), "int8": Bundle.load(args.int8)}
     if bundles["int8"].manifest.get("precision") != "int8":

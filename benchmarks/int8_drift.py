@@ -9,11 +9,10 @@ with the file sizes. Writes int8_drift_<bundle>.json/.md and prints the table la
 """
 from __future__ import annotations
 
-import common  # noqa: F401
-
 import argparse
 from pathlib import Path
 
+import common  # noqa: F401
 from common import RESULTS, machine, md_table, write_outputs
 
 
@@ -22,8 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", type=Path, required=True, help="an int8 bundle")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    from sdrun.bundle import Bundle
-    from sdrun.check import check_bundle
+    from sdrun.apps.check import check_bundle
+    from sdrun.bundle.bundle import Bundle
 
     b = Bundle.load(args.bundle)
     if b.manifest.get("precision") != "int8":

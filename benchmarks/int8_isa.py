@@ -6,7 +6,7 @@ Quantises the fp32 bundle twice (8-bit weights, and 7-bit "reduce_range" weights
 default), then runs the golden check (`sdrun check --json`) of the fp32 bundle and of both
 int8 bundles natively and under `qemu-x86_64 -cpu <model>` (Debian's qemu-user), whose
 CPUID shows no AVX-512 and no VNNI: onnxruntime then picks its AVX2 int8 kernel, the one
-that adds u8*s8 products pairwise in saturating int16 (sdrun/cpu.py).
+that adds u8*s8 products pairwise in saturating int16 (sdrun/backends/cpu.py).
 
 The emulator is not trusted blindly: the fp32 bundle runs under it too, and a graph whose
 fp32 outputs move more than 1e-4 under emulation is marked "emulator unfaithful" (QEMU
@@ -17,8 +17,6 @@ Writes int8_isa_<bundle>.json/.md and prints the table last.
 """
 from __future__ import annotations
 
-import common  # noqa: F401
-
 import argparse
 import json
 import shutil
@@ -27,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common  # noqa: F401
 from common import RESULTS, machine, md_table, write_outputs
 
 FAITHFUL_FP32 = 1e-4

@@ -23,20 +23,36 @@ FLOPs per stage come from benchmarks/flops.py. Writes latency_<bundle>.json/.md/
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: OMP_WAIT_POLICY and threads before torch)
-
 import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (first: OMP_WAIT_POLICY and threads before torch)
 import numpy as np
-
-from common import (CONTENDERS, FAIRNESS_NOTE, STAGE_ORDER, TIMER, add_common_args, bundle_label,
-                    clip_calls, fmt_s, int8_bundle_for, load_contenders, machine, make_pairs,
-                    md_table, median, parse_params, publish, pyplot, save_figure, save_partial,
-                    summary)
+from common import (
+    CONTENDERS,
+    FAIRNESS_NOTE,
+    STAGE_ORDER,
+    TIMER,
+    add_common_args,
+    bundle_label,
+    clip_calls,
+    fmt_s,
+    int8_bundle_for,
+    load_contenders,
+    machine,
+    make_pairs,
+    md_table,
+    median,
+    parse_params,
+    publish,
+    pyplot,
+    save_figure,
+    save_partial,
+    summary,
+)
 
 VIEWS = 4  # a, flip(a), b, flip(b)
 

@@ -10,16 +10,14 @@ Writes profile_gdino_<bundle>.json/.md and prints the table last.
 """
 from __future__ import annotations
 
-import common  # noqa: F401  (first: thread settings before torch)
-
 import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (first: thread settings before torch)
 import numpy as np
-
 from common import RESULTS, THREADS, machine, md_table, write_outputs
 
 
@@ -114,8 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--int8", type=Path, help="an int8 bundle of the same models")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    from sdrun.bundle import Bundle
-    from sdrun.check import golden_cases
+    from sdrun.apps.check import golden_cases
+    from sdrun.bundle.bundle import Bundle
 
     b = Bundle.load(args.bundle, verify=False)
     entry = b.model("gdino")

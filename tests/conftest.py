@@ -46,7 +46,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """The tiny-random bundle with all four models (built once per test session)."""
     pytest.importorskip("torch")
     from sdexport.build import build_bundle, resolve_sources
-    from sdrun.vocab import default_vocabulary
+    from sdrun.bundle.vocab import default_vocabulary
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     build_bundle(out, resolve_sources("tiny-random", {}), default_vocabulary(),

@@ -1,6 +1,6 @@
 """A fake `tensorrt` and a fake `cuda.bindings.runtime` for CPU tests.
 
-Enough of both APIs for sdrun.trt and sdexport.engines: Logger, Builder,
+Enough of both APIs for sdrun.backends.trt and sdexport.engines: Logger, Builder,
 NetworkDefinitionCreationFlag, OnnxParser (layers made from the ONNX nodes),
 BuilderFlag, IBuilderConfig, optimisation profiles, layer precision setters,
 build_serialized_network (bytes: a JSON header + the ONNX graph), Runtime,

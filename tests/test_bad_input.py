@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
+from conftest import run_without_torch
+from sdrun.apps.synth import write_synthetic_pairs
+from sdrun.bundle.params import ParamError, parse_overrides, validate
 from sdrun.cli import main
 from sdrun.files import atomic_write
-from sdrun.params import ParamError, parse_overrides, validate
-from sdrun.synth import write_synthetic_pairs
-
-from conftest import run_without_torch
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +263,8 @@ def test_bad_params_json_fails_at_load_naming_file_and_key(value, expect, tiny_b
 
 
 def test_params_in_the_api_and_a_tune_grid_are_checked(tiny_bundle, tmp_path):
+    from sdrun.apps.tune import TuneError, load_grid  # noqa: F401
     from sdrun.pipeline import Pipeline
-    from sdrun.tune import TuneError, load_grid  # noqa: F401
 
     with pytest.raises(ParamError, match=r"Pipeline\(params=...\): iou_thr=1.5: must lie in \[0, 1\]"):
         Pipeline.load(tiny_bundle, params={"iou_thr": 1.5})

@@ -94,7 +94,7 @@ def test_coldstart_smoke(tiny_bundle, tmp_path):
 
 def test_graph_speed_smoke(tiny_bundle, tmp_path):
     from sdexport.quantize import quantize_bundle
-    from sdrun.cpu import int8_kernel
+    from sdrun.backends.cpu import int8_kernel
 
     int8 = quantize_bundle(tiny_bundle, tmp_path / "tiny-int8", log=lambda s: None)
     stdout = _run("graph_speed.py", "--fp32", str(tiny_bundle), "--int8", str(int8),

@@ -5,12 +5,10 @@ import json
 import shutil
 
 import pytest
-
-from sdrun.bundle import Bundle
-from sdrun.check import check_bundle, compare, match_slots
-from sdrun.errors import BundleError
-
 from conftest import run_without_torch
+from sdrun.apps.check import check_bundle, compare, match_slots
+from sdrun.bundle.bundle import Bundle
+from sdrun.errors import BundleError
 
 
 @pytest.fixture
@@ -65,16 +63,16 @@ def test_tampered_file_is_named(bundle_copy):
 
 class CountingHash:
     def __init__(self, monkeypatch):
-        import sdrun.digests
+        import sdrun.bundle.digests
 
         self.calls = 0
-        real = sdrun.digests.sha256_file
+        real = sdrun.bundle.digests.sha256_file
 
         def counting(path, *a, **k):
             self.calls += 1
             return real(path, *a, **k)
 
-        monkeypatch.setattr(sdrun.digests, "sha256_file", counting)
+        monkeypatch.setattr(sdrun.bundle.digests, "sha256_file", counting)
 
 
 def test_digests_are_remembered_until_a_file_changes(bundle_copy, tmp_path, monkeypatch):
@@ -104,7 +102,7 @@ def test_digests_are_remembered_until_a_file_changes(bundle_copy, tmp_path, monk
 def test_digest_cache_never_condemns_or_breaks_a_load(bundle_copy, tmp_path, monkeypatch):
     """A garbage cache file is ignored; a remembered digest that disagrees with the manifest
     is re-checked from the file, not trusted; SPOTDIFF_DIGEST_CACHE=0 hashes every time."""
-    from sdrun.digests import CACHE_FILE, DigestCache, signature
+    from sdrun.bundle.digests import CACHE_FILE, DigestCache, signature
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SPOTDIFF_CACHE_DIR", str(cache))
@@ -200,7 +198,7 @@ def test_check_fails_on_wrong_outputs(bundle_copy):
     key = next(k for k in arrays if k.endswith("__out__heat"))
     arrays[key] = arrays[key] * 1.001
     np.savez_compressed(bundle_copy / rel, **arrays)
-    from sdrun.bundle import sha256_file
+    from sdrun.bundle.bundle import sha256_file
 
     m["files"][rel]["sha256"] = sha256_file(bundle_copy / rel)
     _write_manifest(bundle_copy, m)

@@ -7,9 +7,14 @@ import sys
 
 import numpy as np
 import pytest
-
-from sdrun.cpu import (EXACT_WEIGHT_LIMIT, graph_max_abs_weight, int8_clipping_warning, int8_kernel,
-                       int8_saturates, isa_summary)
+from sdrun.backends.cpu import (
+    EXACT_WEIGHT_LIMIT,
+    graph_max_abs_weight,
+    int8_clipping_warning,
+    int8_kernel,
+    int8_saturates,
+    isa_summary,
+)
 
 XEON_VNNI = frozenset("avx2 fma avx512f avx512bw avx512_vnni".split())
 SKYLAKE_X = frozenset("avx2 fma avx512f avx512bw".split())
@@ -79,7 +84,7 @@ def test_import_sdrun_loads_no_heavy_library():
 def test_pipeline_import_leaves_scipy_until_matching():
     mods = loaded_modules("from sdrun import Pipeline")
     assert "scipy.optimize" not in mods and "onnxruntime" not in mods
-    mods = loaded_modules("from sdrun.matching import match_objects\n"
+    mods = loaded_modules("from sdrun.stages.matching import match_objects\n"
                           "import numpy as np\n"
                           "match_objects(np.zeros((1, 4)), ['car'], np.ones((1, 2)), np.zeros((1, 4)), "
                           "['car'], np.ones((1, 2)), alpha=0.5, iou_thr=0.1)")

@@ -11,14 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import TRAIN_CSV  # noqa: E402
 from sdexport.build import build_bundle, resolve_sources  # noqa: E402
 from sdexport.context import BuildContext  # noqa: E402
 from sdexport.sources import Source, SourceError, parse_source  # noqa: E402
-from sdrun.bundle import Bundle  # noqa: E402
-from sdrun.session import OnnxModel  # noqa: E402
-from sdrun.vocab import default_vocabulary, make_prompts  # noqa: E402
-
-from conftest import TRAIN_CSV  # noqa: E402
+from sdrun.backends.session import OnnxModel  # noqa: E402
+from sdrun.bundle.bundle import Bundle  # noqa: E402
+from sdrun.bundle.vocab import default_vocabulary, make_prompts  # noqa: E402
 
 
 def _ctx():
@@ -96,7 +95,6 @@ def test_corrupt_checkpoints_are_named(tiny_bundle, tmp_path):
 def test_torch_load_checkpoint(tiny_bundle, tmp_path):
     """A seed-style `torch.save(model.state_dict())` file loads with weights_only=True."""
     from safetensors.torch import load_file
-
     from sdexport.models import siamese
 
     folder = tiny_bundle / "source" / "siamese"
@@ -158,9 +156,8 @@ def test_owlvit_graph_reproduces_hf_logits(tiny_bundle):
 
 def test_stored_tokenizer_matches_hf(tiny_bundle):
     """The bundle's tokenizer.json (read with `tokenizers`, no transformers) gives HF's ids."""
-    from tokenizers import Tokenizer
-
     from sdexport.models import owlvit
+    from tokenizers import Tokenizer
 
     bundle = Bundle.load(tiny_bundle)
     entry = bundle.model("owlvit")
@@ -195,7 +192,7 @@ SEED_VOCAB = ["animal", "baby", "bag", "baggage", "bicycle", "bicyclist", "box",
 
 
 def test_vocab_from_train_csv_is_the_notebooks():
-    from sdrun.vocab import default_vocabulary, normalize_label, parse_vocabulary
+    from sdrun.bundle.vocab import default_vocabulary, normalize_label, parse_vocabulary
 
     assert parse_vocabulary(str(TRAIN_CSV)) == SEED_VOCAB
     assert default_vocabulary() == SEED_VOCAB

@@ -1,13 +1,12 @@
-"""sdrun.fusion: weighted boxes fusion against ensemble-boxes 1.0.9, and iou_matrix."""
+"""sdrun.stages.fusion: weighted boxes fusion against ensemble-boxes 1.0.9, and iou_matrix."""
 import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
-
-import sdrun.fusion as fusion
-from sdrun.fusion import CONF_TYPES, iou_matrix, weighted_boxes_fusion
+import sdrun.stages.fusion as fusion
+from sdrun.stages.fusion import CONF_TYPES, iou_matrix, weighted_boxes_fusion
 
 ensemble_boxes = pytest.importorskip("ensemble_boxes")
 
@@ -386,5 +385,5 @@ def test_iou_matrix_known_values_and_shapes():
 
 
 def test_fusion_module_does_not_import_torch():
-    code = "import sys, sdrun.fusion; sys.exit('torch' in sys.modules)"
+    code = "import sys, sdrun.stages.fusion; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

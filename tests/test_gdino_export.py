@@ -19,9 +19,9 @@ from sdexport.context import BuildContext  # noqa: E402
 from sdexport.models import gdino  # noqa: E402
 from sdexport.sources import Source, SourceError  # noqa: E402
 from sdexport.writer import BundleWriter  # noqa: E402
-from sdrun.bundle import Bundle  # noqa: E402
-from sdrun.check import check_bundle, compare, match_slots  # noqa: E402
-from sdrun.vocab import default_vocabulary  # noqa: E402
+from sdrun.apps.check import check_bundle, compare, match_slots  # noqa: E402
+from sdrun.bundle.bundle import Bundle  # noqa: E402
+from sdrun.bundle.vocab import default_vocabulary  # noqa: E402
 from transformers.models.grounding_dino import modeling_grounding_dino as hf  # noqa: E402
 
 SIZE = (256, 256)

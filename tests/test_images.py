@@ -1,4 +1,4 @@
-"""sdrun.images: loading files and checking arrays (OpenCV + numpy; no torch, no Pillow)."""
+"""sdrun.stages.images: loading files and checking arrays (OpenCV + numpy; no torch, no Pillow)."""
 from __future__ import annotations
 
 import struct
@@ -7,9 +7,8 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-
 from sdrun.errors import SpotdiffError
-from sdrun.images import ImageError, as_rgb, load_image
+from sdrun.stages.images import ImageError, as_rgb, load_image
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (23, 31, 3), dtype=np.uint8)

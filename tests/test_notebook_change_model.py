@@ -13,10 +13,9 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-
 from sdexport.models.siamese import TINY_ARGS  # noqa: E402
-from sdrun.check import check_bundle, compare  # noqa: E402
+from sdrun.apps.check import check_bundle, compare  # noqa: E402
+from torch import nn  # noqa: E402
 
 TOL = 1e-5
 
@@ -67,9 +66,8 @@ def notebook_heatmap(model, img1: Image.Image, img2: Image.Image, dsize_as_writt
 @pytest.fixture(scope="module")
 def notebook_bundle(tmp_path_factory):
     from safetensors.torch import save_file
-
     from sdexport.build import build_bundle, resolve_sources
-    from sdrun.vocab import default_vocabulary
+    from sdrun.bundle.vocab import default_vocabulary
 
     torch.manual_seed(11)
     model = NotebookSiameseViTChange().eval()
@@ -84,7 +82,7 @@ def notebook_bundle(tmp_path_factory):
 
 
 def test_checkpoint_loads_and_graph_passes_its_check(notebook_bundle):
-    from sdrun.bundle import Bundle
+    from sdrun.bundle.bundle import Bundle
 
     _, out, ckpt = notebook_bundle
     b = Bundle.load(out)
@@ -95,8 +93,8 @@ def test_checkpoint_loads_and_graph_passes_its_check(notebook_bundle):
 
 @pytest.mark.parametrize("size", [(224, 224), (240, 320)])
 def test_bundle_gives_the_notebooks_heatmap_and_logit(notebook_bundle, size):
-    from sdrun import heatmap
     from sdrun.pipeline import Pipeline
+    from sdrun.stages import heatmap
 
     model, out, _ = notebook_bundle
     rng = np.random.default_rng(3)
@@ -126,11 +124,10 @@ def test_bundle_gives_the_notebooks_heatmap_and_logit(notebook_bundle, size):
 
 def test_a_checkpoint_of_another_shape_is_named(notebook_bundle, tmp_path):
     from safetensors.torch import load_file, save_file
-
     from sdexport.context import BuildContext
     from sdexport.models import siamese
     from sdexport.sources import Source, SourceError
-    from sdrun.vocab import default_vocabulary
+    from sdrun.bundle.vocab import default_vocabulary
 
     _, _, ckpt = notebook_bundle
     sd = load_file(str(ckpt))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from sdrun.bundle import Bundle
-from sdrun.check import golden_cases
-from sdrun.session import OnnxModel
+from sdrun.apps.check import golden_cases
+from sdrun.backends.session import OnnxModel
+from sdrun.bundle.bundle import Bundle
 
 GRAPHS = [("owlvit", "image"), ("gdino", "model"), ("siamese", "pair"), ("clip", "visual")]
 
@@ -58,7 +57,7 @@ def test_broken_cache_entry_is_replaced(tiny_bundle, cache):
 
 
 def test_cache_off_and_key(tiny_bundle, cache, monkeypatch):
-    from sdrun.ortcache import cache_key
+    from sdrun.backends.ortcache import cache_key
 
     monkeypatch.setenv("SPOTDIFF_GRAPH_CACHE", "0")
     b = Bundle.load(tiny_bundle)

@@ -1,4 +1,4 @@
-"""sdrun.preprocess against the real PyTorch-side preprocessing (parity tests).
+"""sdrun.stages.preprocess against the real PyTorch-side preprocessing (parity tests).
 
 The references are built the way the exporters build them (same constructors, facts
 written by the exporters' own `preprocess_facts` and passed through JSON like a
@@ -18,11 +18,10 @@ import types
 
 import numpy as np
 import pytest
-
 from conftest import BLOCK_TORCH, REAL_PAIRS
-from sdrun import preprocess as pp
 from sdrun.errors import BundleError
-from sdrun.images import load_image
+from sdrun.stages import preprocess as pp
+from sdrun.stages.images import load_image
 
 REAL = ("31795_1.png", "35333_2.png")
 RANDOM_SIZES = [(37, 53), (53, 37), (1000, 700), (700, 1000), (224, 224), (128, 128),
@@ -68,8 +67,8 @@ def torch_refs():
     pytest.importorskip("transformers")
     pytest.importorskip("timm")
     pytest.importorskip("open_clip")
-    from PIL import Image
     import torchvision.transforms.v2.functional as tvF
+    from PIL import Image
     return types.SimpleNamespace(torch=torch, Image=Image, tvF=tvF)
 
 
@@ -201,8 +200,8 @@ def test_pass_order_rule():
 
 @pytest.mark.parametrize("size", [128, 768])
 def test_owlvit_pixels_match_transformers(torch_refs, size):
-    from transformers import OwlViTImageProcessor
     from sdexport.models import owlvit
+    from transformers import OwlViTImageProcessor
 
     # as the presets build it (768 is also google/owlvit-base-patch32's setting)
     ip = OwlViTImageProcessor(size={"height": size, "width": size},
@@ -219,8 +218,8 @@ def test_owlvit_pixels_match_transformers(torch_refs, size):
 
 @pytest.mark.parametrize("size", [(256, 256), (800, 800), (480, 640)])
 def test_gdino_pixels_match_transformers(torch_refs, size):
-    from transformers import GroundingDinoImageProcessor
     from sdexport.models import gdino
+    from transformers import GroundingDinoImageProcessor
 
     # the hub's / preset's image processor settings; the exporter's own call
     ip = GroundingDinoImageProcessor(
@@ -343,9 +342,9 @@ def test_tiny_bundle_facts_match_its_source_processors(torch_refs, tiny_bundle):
     """The manifest's facts, read back, against processors loaded from the bundle's
     source/<model> folders (what a PyTorch reference pipeline would load)."""
     import open_clip
-    from transformers import AutoProcessor
     from sdexport.models import gdino, siamese
-    from sdrun.bundle import Bundle
+    from sdrun.bundle.bundle import Bundle
+    from transformers import AutoProcessor
 
     Image = torch_refs.Image
     bundle = Bundle.load(tiny_bundle)
@@ -487,7 +486,7 @@ def test_grey_and_float_inputs_are_accepted():
 def test_runtime_modules_import_without_torch_or_pillow():
     code = BLOCK_TORCH.replace('"sdexport"}', '"sdexport", "PIL"}') + textwrap.dedent("""
         import numpy as np
-        from sdrun import preprocess, images
+        from sdrun.stages import preprocess, images
         facts = {"resize": 16, "interpolation": "bicubic", "crop_size": [16, 16],
                  "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
         out, ok = preprocess.clip_crops(np.zeros((20, 30, 3), np.uint8), [[0, 0, 10, 10]], facts)
@@ -503,13 +502,13 @@ def test_runtime_modules_import_without_torch_or_pillow():
 
 def test_tiny_bundle_golden_image_inputs(torch_refs, tiny_bundle):
     """The golden "image" inputs that the exporters recorded from PyTorch, rebuilt from
-    the same synthetic images with sdrun.preprocess (recipes as in sdexport.models.*)."""
+    the same synthetic images with sdrun.stages.preprocess (recipes as in sdexport.models.*)."""
     from sdexport.context import image_like
-    from sdrun.bundle import Bundle
+    from sdrun.bundle.bundle import Bundle
 
     bundle = Bundle.load(tiny_bundle)
     seed = bundle.manifest["build"]["seed"]
-    print("\ntiny bundle golden 'image' inputs rebuilt by sdrun.preprocess:")
+    print("\ntiny bundle golden 'image' inputs rebuilt by sdrun.stages.preprocess:")
 
     def golden(model, key):
         return bundle.arrays(bundle.model(model)["golden_file"])[key]

@@ -10,12 +10,16 @@ pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from click.testing import CliRunner  # noqa: E402
-
 from sdexport.cli import main as sdexport_main  # noqa: E402
-from sdexport.quantize import INT8_TOLERANCE, int8_name, max_abs_int8_weight, quantize_bundle  # noqa: E402
-from sdrun.cpu import EXACT_WEIGHT_LIMIT, int8_kernel, isa_summary  # noqa: E402
-from sdrun.bundle import Bundle  # noqa: E402
-from sdrun.check import DEFAULT_REL_L2, check_bundle  # noqa: E402
+from sdexport.quantize import (  # noqa: E402
+    INT8_TOLERANCE,
+    int8_name,
+    max_abs_int8_weight,
+    quantize_bundle,
+)
+from sdrun.apps.check import DEFAULT_REL_L2, check_bundle  # noqa: E402
+from sdrun.backends.cpu import EXACT_WEIGHT_LIMIT, int8_kernel, isa_summary  # noqa: E402
+from sdrun.bundle.bundle import Bundle  # noqa: E402
 
 
 def test_int8_name():
@@ -40,7 +44,7 @@ def test_int8_bundle_manifest(int8_bundle, tiny_bundle):
             assert g["precision"] == "int8"
             assert g["tolerance"]["rel_l2"] == INT8_TOLERANCE[(model, graph)]
             assert g["quantization"]["weight_type"] == "qint8"
-            # 7-bit weights: exact on every x86 int8 kernel, VNNI or not (sdrun/cpu.py)
+            # 7-bit weights: exact on every x86 int8 kernel, VNNI or not (sdrun/backends/cpu.py)
             assert g["quantization"]["reduce_range"] is True
             assert g["quantization"]["max_abs_weight"] == max_abs_int8_weight(b.path(g["file"]))
             assert 0 < g["quantization"]["max_abs_weight"] <= EXACT_WEIGHT_LIMIT

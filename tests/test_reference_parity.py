@@ -9,12 +9,11 @@ from scipy.optimize import linear_sum_assignment
 pytest.importorskip("torch")
 pytest.importorskip("ensemble_boxes")
 
-from sdexport.reference import ReferencePipeline  # noqa: E402
-from sdrun.images import load_image  # noqa: E402
-from sdrun.pipeline import Pipeline  # noqa: E402
-from sdrun.synth import make_pair, pair_rng  # noqa: E402
-
 from conftest import REAL_PAIRS  # noqa: E402
+from sdexport.reference import ReferencePipeline  # noqa: E402
+from sdrun.apps.synth import make_pair, pair_rng  # noqa: E402
+from sdrun.pipeline import Pipeline  # noqa: E402
+from sdrun.stages.images import load_image  # noqa: E402
 
 N_SYNTH = 20
 BOX_TOL_PX = 0.5

@@ -15,11 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import pytest
-
-from sdrun.pipeline import Pipeline
-from sdrun.synth import write_synthetic_pairs
-
 from conftest import BLOCK_TORCH, run_without_torch
+from sdrun.apps.synth import write_synthetic_pairs
+from sdrun.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +167,7 @@ def test_kill_during_run_then_resume_gives_identical_files(tiny_bundle, synth_di
 
 
 def test_api_paths_arrays_and_threads(tiny_bundle, synth_dir):
-    from sdrun.images import load_image
+    from sdrun.stages.images import load_image
 
     pipe = Pipeline.load(tiny_bundle)
     data = synth_dir / "data"

@@ -8,15 +8,13 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-
-from sdrun.bundle import Bundle, write_params
-from sdrun.errors import BundleError
-from sdrun.params import ParamError
-from sdrun.pipeline import Pipeline
-from sdrun.score import ScoreError, read_label_csv, row_f1, score_files, score_sets
-from sdrun.synth import write_synthetic_pairs
-
 from conftest import TRAIN_CSV, run_without_torch
+from sdrun.apps.score import ScoreError, read_label_csv, row_f1, score_files, score_sets
+from sdrun.apps.synth import write_synthetic_pairs
+from sdrun.bundle.bundle import Bundle, write_params
+from sdrun.bundle.params import ParamError
+from sdrun.errors import BundleError
+from sdrun.pipeline import Pipeline
 
 N_PAIRS = 8
 
@@ -46,8 +44,8 @@ def shared_cache(tmp_path_factory):
 
 def filled(tmp_path_factory, tiny_bundle):
     """(pipeline, labelled data, cache fill) with every pair's outputs cached."""
-    from sdrun.cache import OutputCache
-    from sdrun.evaluate import load_labelled
+    from sdrun.apps.cache import OutputCache
+    from sdrun.apps.evaluate import load_labelled
 
     pipe = Pipeline.load(fast_bundle(tmp_path_factory, tiny_bundle))
     lab = load_labelled(labelled_pairs(tmp_path_factory), labelled_pairs(tmp_path_factory) / "labels.csv")
@@ -83,7 +81,7 @@ def test_row_f1_rules():
 
 
 def test_notebook_set_f1_is_the_notebooks():
-    from sdrun.score import notebook_set_f1
+    from sdrun.apps.score import notebook_set_f1
 
     e = frozenset()
     assert notebook_set_f1(e, e) == 0.0 and row_f1(e, e) == 1.0  # where the two metrics part
@@ -170,7 +168,7 @@ def test_write_params_keeps_the_bundle_verifiable(tiny_bundle, tmp_path):
 def test_clip_embedding_does_not_depend_on_its_batch(cached):
     pipe, lab, fill = cached
     o = next(iter(fill.outputs.values()))
-    from sdrun.images import load_image
+    from sdrun.stages.images import load_image
 
     pid, a, _ = lab.pairs[0]
     img = load_image(a)
@@ -191,7 +189,7 @@ SETTINGS = [{}, {"det_thr": 0.15, "heat_th": 0.4}, {"det_thr": 0.35, "alpha": 0.
 def test_cached_outputs_give_exactly_the_models_answers(cached, tmp_path_factory, tiny_bundle):
     """finish(cache) == diff (running every model) for several pairs and parameters,
     gates included; and reading the cache back from disk changes nothing."""
-    from sdrun.cache import OutputCache
+    from sdrun.apps.cache import OutputCache
 
     pipe, lab, fill = cached
     again = OutputCache(pipe, shared_cache(tmp_path_factory)).fill(lab.pairs, progress=False)
@@ -209,7 +207,7 @@ def test_cached_outputs_give_exactly_the_models_answers(cached, tmp_path_factory
 
 
 def test_cache_misses_on_changed_images_and_survives_torn_files(cached, tmp_path):
-    from sdrun.cache import OutputCache, pair_digest
+    from sdrun.apps.cache import OutputCache, pair_digest
 
     pipe, lab, fill = cached
     pid, a, b = lab.pairs[1]
@@ -229,7 +227,7 @@ def test_cache_misses_on_changed_images_and_survives_torn_files(cached, tmp_path
     # tuning rewrites params.json, which must not change the cache key; a WBF setting must
     from types import SimpleNamespace
 
-    from sdrun.cache import model_key
+    from sdrun.apps.cache import model_key
 
     def key(**params):
         return model_key(SimpleNamespace(bundle=pipe.bundle, params={**pipe.params, **params},
@@ -273,7 +271,7 @@ def test_eval_end_to_end_without_torch(cached, tmp_path_factory, tiny_bundle, tm
     assert res2.returncode == 0, res2.stderr
     mean = json.loads(res2.stdout)["row_f1_mean"]
     assert f"{mean:.4f}" in res.stdout
-    from sdrun.tune import finish_score
+    from sdrun.apps.tune import finish_score
 
     assert finish_score(pipe, fill.outputs, lab.truth, list(fill.outputs)).mean == pytest.approx(mean)
     # a validation split evaluates only its pairs

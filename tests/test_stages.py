@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from sdrun import detect, heatmap
-from sdrun.matching import match_objects
+from sdrun.stages import detect, heatmap
+from sdrun.stages.matching import match_objects
 
 
 def test_unflip_is_an_involution_and_mirrors():
@@ -126,7 +125,7 @@ def test_matching_never_pairs_different_labels_and_handles_empty():
 
 
 def test_clip_similarity_falls_back_to_iou_without_a_crop():
-    from sdrun.matching import clip_similarity
+    from sdrun.stages.matching import clip_similarity
 
     ea = np.array([[1.0, 0.0], [np.nan, np.nan]])  # box 2 of image 1 had no crop
     eb = np.array([[0.0, 1.0], [1.0, 0.0]])

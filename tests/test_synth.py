@@ -1,4 +1,4 @@
-"""sdrun.synth: synthetic pairs in the competition's format."""
+"""sdrun.apps.synth: synthetic pairs in the competition's format."""
 from __future__ import annotations
 
 import csv
@@ -7,9 +7,8 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
-
-from sdrun.synth import CLASSES, make_pair, pair_rng, write_synthetic_pairs
-from sdrun.vocab import LABEL_COLUMNS, parse_label_cell
+from sdrun.apps.synth import CLASSES, make_pair, pair_rng, write_synthetic_pairs
+from sdrun.bundle.vocab import LABEL_COLUMNS, parse_label_cell
 
 N_STATS = 200
 

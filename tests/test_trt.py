@@ -9,11 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import fake_tensorrt
 import numpy as np
 import pytest
-
-import fake_tensorrt
-from sdrun.bundle import Bundle, sha256_file
+from sdrun.bundle.bundle import Bundle, sha256_file
 from sdrun.errors import ProviderError
 
 KEY = "sm90-trt10.9.0-fp16"
@@ -54,7 +53,7 @@ def engine_bundle(tiny_bundle, tmp_path_factory):
 
 # ---- keys --------------------------------------------------------------------------------
 def test_engine_key_from_the_fake_gpu(fake):
-    from sdrun import trt
+    from sdrun.backends import trt
 
     assert trt.current_key("fp16") == KEY
     fake_tensorrt.STATE.arch = (8, 6)
@@ -138,8 +137,8 @@ def test_pinning_widens_until_the_check_passes(tiny_bundle, tmp_path, fake, monk
 
 def test_graph_failing_every_stage_is_recorded_not_used(tiny_bundle, tmp_path, fake):
     from sdexport.engines import build_engines
-    from sdrun.session import open_graph
-    from sdrun.trt import EngineError
+    from sdrun.backends.session import open_graph
+    from sdrun.backends.trt import EngineError
 
     root = _copy(tiny_bundle, tmp_path)
     fake_tensorrt.STATE.fail_always = True
@@ -156,7 +155,6 @@ def test_strongly_typed_tensorrt11_path(tiny_bundle, tmp_path, fake, monkeypatch
     """TensorRT 11 has no FP16 flag or layer precisions: the ONNX graph is converted to fp16
     with the pinned nodes kept in fp32, then built strongly typed."""
     import onnx
-
     from sdexport.engines import build_engines
 
     monkeypatch.delattr(fake_tensorrt.BuilderFlag, "FP16")
@@ -173,7 +171,7 @@ def test_strongly_typed_tensorrt11_path(tiny_bundle, tmp_path, fake, monkeypatch
 
 # ---- running engines -----------------------------------------------------------------------
 def test_check_bundle_runs_the_engines(engine_bundle, fake):
-    from sdrun.check import check_bundle
+    from sdrun.apps.check import check_bundle
 
     root, _, _ = engine_bundle
     results = list(check_bundle(Bundle.load(root), provider="tensorrt"))
@@ -191,7 +189,7 @@ def test_pipeline_on_engines_matches_cpu(engine_bundle, tmp_path, fake):
     from conftest import REAL_PAIRS
     from sdexport.engines import build_engines
     from sdrun import Pipeline
-    from sdrun.trt import TrtModel
+    from sdrun.backends.trt import TrtModel
 
     root = _copy(engine_bundle[0], tmp_path)
     build_engines(root, "fp32", max_batch=2, log=_quiet)
@@ -212,7 +210,7 @@ def test_pipeline_on_engines_matches_cpu(engine_bundle, tmp_path, fake):
 
 
 def test_batch_above_the_profile_runs_in_chunks(engine_bundle, fake):
-    from sdrun.session import OnnxModel, open_graph
+    from sdrun.backends.session import OnnxModel, open_graph
 
     root, _, _ = engine_bundle
     b = Bundle.load(root)
@@ -233,7 +231,7 @@ def test_batch_above_the_profile_runs_in_chunks(engine_bundle, fake):
 def test_pipeline_is_thread_safe_on_engines(engine_bundle, fake):
     from concurrent.futures import ThreadPoolExecutor
 
-    from sdrun.session import open_graph
+    from sdrun.backends.session import open_graph
 
     root, _, _ = engine_bundle
     sess = open_graph(Bundle.load(root), "clip", "visual", provider="tensorrt")
@@ -248,8 +246,8 @@ def test_pipeline_is_thread_safe_on_engines(engine_bundle, fake):
 
 # ---- cache lookup, mismatch, rebuild, fallback ------------------------------------------------
 def test_mismatched_gpu_or_tensorrt_is_a_clear_error(engine_bundle, fake, monkeypatch):
-    from sdrun.session import open_graph
-    from sdrun.trt import EngineError
+    from sdrun.backends.session import open_graph
+    from sdrun.backends.trt import EngineError
 
     root, _, _ = engine_bundle
     b = Bundle.load(root)
@@ -268,8 +266,8 @@ def test_mismatched_gpu_or_tensorrt_is_a_clear_error(engine_bundle, fake, monkey
 
 def test_engine_that_does_not_deserialize_is_a_clear_error(engine_bundle, fake, monkeypatch):
     """Same key, but this TensorRT build cannot load the file (another build number)."""
-    from sdrun.session import open_graph
-    from sdrun.trt import EngineError
+    from sdrun.backends.session import open_graph
+    from sdrun.backends.trt import EngineError
 
     root, _, _ = engine_bundle
     monkeypatch.setattr(fake_tensorrt, "__version__", "10.9.0.99")
@@ -279,9 +277,8 @@ def test_engine_that_does_not_deserialize_is_a_clear_error(engine_bundle, fake, 
 
 def test_onnx_fallback_only_when_allowed(engine_bundle, fake, monkeypatch):
     import onnxruntime as ort
-
-    from sdrun.session import OnnxModel, open_graph
-    from sdrun.trt import EngineFallbackWarning
+    from sdrun.backends.session import OnnxModel, open_graph
+    from sdrun.backends.trt import EngineFallbackWarning
 
     root, _, _ = engine_bundle
     b = Bundle.load(root)
@@ -298,8 +295,8 @@ def test_onnx_fallback_only_when_allowed(engine_bundle, fake, monkeypatch):
 
 
 def test_stale_engine_is_not_used(engine_bundle, tmp_path, fake):
-    from sdrun.session import open_graph
-    from sdrun.trt import EngineError
+    from sdrun.backends.session import open_graph
+    from sdrun.backends.trt import EngineError
 
     root = _copy(engine_bundle[0], tmp_path)
     m = _manifest(root)
@@ -356,7 +353,7 @@ def test_engine_files_are_verified_by_bundle_load(engine_bundle, tmp_path):
 
 # ---- providers that are absent ----------------------------------------------------------------
 def test_absent_gpu_providers_are_errors_never_cpu(engine_bundle, monkeypatch):
-    from sdrun.session import open_graph
+    from sdrun.backends.session import open_graph
 
     b = Bundle.load(engine_bundle[0], verify=False)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -377,7 +374,6 @@ def test_absent_gpu_providers_are_errors_never_cpu(engine_bundle, monkeypatch):
 
 def test_cli_errors_and_fallback_flag(engine_bundle, fake):
     from click.testing import CliRunner
-
     from conftest import REAL_PAIRS
     from sdrun.cli import main
 
@@ -400,7 +396,6 @@ def test_cli_errors_and_fallback_flag(engine_bundle, fake):
 
 def test_sdexport_engines_cli(tiny_bundle, tmp_path, fake):
     from click.testing import CliRunner
-
     from sdexport.cli import main
 
     root = _copy(tiny_bundle, tmp_path)
@@ -436,7 +431,7 @@ def test_import_and_cpu_run_without_tensorrt_or_cuda(engine_bundle, tmp_path):
     for k in (1, 2):
         shutil.copy(REAL_PAIRS / f"31795_{k}.png", data / f"31795_{k}.png")
     code = BLOCK + textwrap.dedent(f"""
-        import sdrun, sdrun.session, sdrun.trt, sdrun.check
+        import sdrun, sdrun.backends.session, sdrun.backends.trt, sdrun.apps.check
         assert not any(m.split(".")[0] in ("tensorrt", "cuda", "cupy") for m in sys.modules)
         sys.argv = ["sdrun", "run", {str(engine_bundle[0])!r}, "--data", {str(tmp_path)!r},
                     "--out", {str(tmp_path / "sub.csv")!r}, "--quiet"]
@@ -451,9 +446,8 @@ def test_import_and_cpu_run_without_tensorrt_or_cuda(engine_bundle, tmp_path):
 def test_sdexport_build_target_trt(tiny_bundle, tmp_path, fake, monkeypatch):
     """`sdexport build --target trt` exports, then builds this GPU's engines; without TensorRT
     it stops before the (long) export."""
-    from click.testing import CliRunner
-
     import sdexport.build
+    from click.testing import CliRunner
     from sdexport.cli import main
 
     exported = []

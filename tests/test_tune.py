@@ -8,13 +8,21 @@ import shutil
 
 import numpy as np
 import pytest
-
-from sdrun.bundle import Bundle
-from sdrun.pipeline import Pipeline
-from sdrun.tune import (ALWAYS, DEFAULT_GRID, SWEPT, TuneError, choose, finish_score, gate_candidates, load_grid,
-                        split_ids, sweep)
-
 from conftest import run_without_torch
+from sdrun.apps.tune import (
+    ALWAYS,
+    DEFAULT_GRID,
+    SWEPT,
+    TuneError,
+    choose,
+    finish_score,
+    gate_candidates,
+    load_grid,
+    split_ids,
+    sweep,
+)
+from sdrun.bundle.bundle import Bundle
+from sdrun.pipeline import Pipeline
 from test_score import fast_bundle, filled, labelled_pairs, shared_cache
 
 
@@ -127,7 +135,6 @@ def test_tune_end_to_end_without_torch(cached, tmp_path_factory, tiny_bundle, tm
     # again (in this process): the written parameters are already the best there is ->
     # it says so, and writes nothing
     from click.testing import CliRunner
-
     from sdrun.cli import main
 
     manifest = (bundle / "manifest.json").read_bytes()

@@ -6,14 +6,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdrun.bundle import MANIFEST, Bundle
-from sdrun.check import check_bundle
+from sdrun.bundle.bundle import MANIFEST
+from sdrun.bundle.vocab import default_prompt_templates
 from sdrun.errors import SpotdiffError
-from sdrun.vocab import default_prompt_templates
 
 from .context import BuildContext
 from .models import MODEL_ORDER, exporter
 from .sources import Source, SourceError, parse_source
+from .verify import verify
 from .writer import BundleWriter
 
 # The seed notebook's pipeline parameters; `sdrun tune` rewrites them.
@@ -99,14 +99,3 @@ def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[s
             raise BuildError(f"{out}: {failures} output(s) out of tolerance against PyTorch "
                              "(see the table above)")
     return out
-
-
-def verify(root: Path, log: Callable[[str], None] = print) -> int:
-    """Run the golden check; log one line per output; return the number of failures."""
-    failures = 0
-    for c in check_bundle(Bundle.load(root)):
-        failures += not c.ok
-        log(f"  check {c.model}/{c.graph}/{c.case}/{c.output}: rel_l2 {c.rel_l2:.2e} "
-            f"max_abs {c.max_abs:.2e} (tol {c.tolerance:.0e}) {'ok' if c.ok else 'FAIL'}"
-            f"{'  ' + c.note if c.note else ''}")
-    return failures

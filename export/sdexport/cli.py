@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 
 import click
-
 from sdrun.errors import SpotdiffError
 
 from .sources import DEFAULT_HUB_IDS, PRESETS
@@ -80,7 +79,7 @@ def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, synony
       sdexport build --preset full-random --precision int8 --out engines/full-int8
       sdexport build --out engines/real --owlvit ./owlvit-folder --gdino none
     """
-    from sdrun.vocab import parse_vocabulary
+    from sdrun.bundle.vocab import parse_vocabulary
 
     from .build import build_bundle, resolve_sources
 
@@ -105,7 +104,7 @@ def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, synony
                 raise click.BadParameter("fp16 is a TensorRT engine precision (--target trt); "
                                          "ONNX graphs are fp32 or int8", param_hint="--precision")
         if target == "trt":
-            from sdrun.trt import cuda_api, gpu_info, import_tensorrt
+            from sdrun.backends.trt import cuda_api, gpu_info, import_tensorrt
 
             import_tensorrt()  # before a long export: TensorRT and a GPU must be there
             gpu_info(cuda_api())

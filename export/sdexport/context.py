@@ -47,9 +47,9 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: l
                 output_names: list[str], dynamic_axes: dict, opset: int = OPSET) -> dict:
     """Export with the TorchScript exporter (3-10x faster than dynamo here, same graphs'
     speed) into one self-contained file; return the graph's I/O description."""
-    import onnx
-
     import warnings
+
+    import onnx
 
     module.eval()
     # no_grad: tracing with autograd on keeps every activation (Grounding DINO base at

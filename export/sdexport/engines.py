@@ -18,7 +18,7 @@ those, so there the ONNX graph itself is converted to fp16 with the pinned nodes
 kept in fp32 (onnxruntime's float16 converter) and built strongly typed.
 
 Engines go to `trt/<key>/<model>_<graph>.engine` with the key `sm90-trt10.16.1-fp16`
-(see sdrun.trt); the manifest's `engines` section records the profiles, what was
+(see sdrun.backends.trt); the manifest's `engines` section records the profiles, what was
 pinned, the check and the ONNX file's sha256, and `files` lists every engine with
 its sha256. The manifest is rewritten atomically after every graph, so an
 interrupted run keeps the engines already built. Engines of other keys (other
@@ -37,12 +37,19 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-from sdrun.bundle import MANIFEST, Bundle, sha256_file
-from sdrun.check import check_graph, golden_cases
+from sdrun.apps.check import check_graph, golden_cases
+from sdrun.backends.trt import (
+    ENGINE_TOLERANCE,
+    DeviceContext,
+    TrtModel,
+    cuda_api,
+    engine_file,
+    engine_key,
+    gpu_info,
+    import_tensorrt,
+)
+from sdrun.bundle.bundle import MANIFEST, Bundle, sha256_file
 from sdrun.errors import SpotdiffError
-from sdrun.trt import (ENGINE_TOLERANCE, DeviceContext, TrtModel, cuda_api, engine_file,
-                       engine_key, gpu_info, import_tensorrt)
 
 # Batch axis per graph, in items per image pair: detectors see 4 views per pair
 # (a, flip(a), b, flip(b)), the Siamese ViT one pair; CLIP gets crops in chunks

@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdrun.bundle import MANIFEST, sha256_file
-from sdrun.cpu import cpu_info, int8_kernel, isa_summary
+from sdrun.backends.cpu import cpu_info, int8_kernel, isa_summary
+from sdrun.bundle.bundle import MANIFEST, sha256_file
 
 PRECISIONS = ("fp32", "int8")
 
 # Weights QInt8 per output channel, 7-bit ("reduce_range"): AVX2 and AVX-512 CPUs without
 # VNNI add u8*s8 products pairwise in saturating int16, which clips 8-bit weights (the tiny
-# bundle drifted rel-L2 1.2 there instead of 0.02; sdrun/cpu.py). With |w| <= 64 every
+# bundle drifted rel-L2 1.2 there instead of 0.02; sdrun/backends/cpu.py). With |w| <= 64 every
 # x86 kernel is exact, so one bundle gives the same integers on every CPU, at the same speed.
 # On this Xeon (AVX512-VNNI) QInt8 ran 1.5x faster than
 # QUInt8 and per-channel drifted less than per-tensor at the same speed (OWL-ViT image graph:
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                           per_channel=not args.per_tensor, reduce_range=not args.full_range)
     print(f"int8 bundle written to {out}")
     if not args.no_check:
-        from .build import verify
+        from .verify import verify
 
         failures = verify(out)
         if failures:

@@ -20,11 +20,10 @@ import contextlib
 import numpy as np
 import torch
 from PIL import Image
-
-from sdrun import detect as sd_detect
-from sdrun import fusion as sd_fusion
-from sdrun import heatmap as sd_heatmap
-from sdrun import matching as sd_matching
+from sdrun.stages import detect as sd_detect
+from sdrun.stages import fusion as sd_fusion
+from sdrun.stages import heatmap as sd_heatmap
+from sdrun.stages import matching as sd_matching
 
 from .models import owlvit as owlvit_model
 from .reference import ReferencePipeline, crop_box

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from sdrun.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from sdrun.bundle.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 
 
 class BundleWriter:

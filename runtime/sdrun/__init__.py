@@ -4,6 +4,16 @@
     pipe = Pipeline.load("engines/tiny")
     result = pipe.diff("a.png", "b.png")
 
+The package is laid out by role; imports point one way (tests/test_layout.py):
+
+    cli/       the command line             -> apps, pipeline, and below
+    apps/      jobs on the pipeline (run, cache, tune, eval, score, check, synth, viz)
+    pipeline   batches the model calls      -> backends, stages, bundle
+    backends/  onnxruntime and TensorRT     -> bundle
+    stages/    numpy in, numpy out          -> nothing of spotdiff but errors
+    bundle/    the folder, its manifest, parameters and vocabulary
+    errors, files, csvfile, version         used by all
+
 The names below are imported on first use, so `import sdrun` (and `sdrun --help`) stay
 fast; numpy, OpenCV, onnxruntime and scipy load only when a command needs them.
 """
@@ -11,13 +21,15 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (in __all__)
 
 _EXPORTS = {
-    "Bundle": ".bundle",
+    "Bundle": ".bundle.bundle",
     "BundleError": ".errors",
+    "ParamError": ".bundle.params",
     "ProviderError": ".errors",
     "SpotdiffError": ".errors",
+    "PairOutputs": ".pipeline",
     "PairResult": ".pipeline",
     "Pipeline": ".pipeline",
 }

@@ -15,7 +15,7 @@ said (`PairOutputs`: detections after WBF, the Siamese patch map and change logi
 CLIP embeddings of candidate boxes); `finish(outputs, params)` does everything after
 the models (score fusion, threshold, matching, label sets, the optional "none" gates)
 in numpy. `diff_batch(pairs)` is `finish` over `model_outputs`, so a cached
-`PairOutputs` (sdrun.cache) gives exactly the answer the models would.
+`PairOutputs` (sdrun.apps.cache) gives exactly the answer the models would.
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import detect, heatmap, preprocess
-from .bundle import Bundle
-from .fusion import weighted_boxes_fusion
-from .images import ImageError, as_rgb, load_image
-from .matching import match_objects
-from .params import GATE_SIGNALS, POST_DEFAULTS, check_combination, validate  # noqa: F401  (re-exported)
-from .session import open_graph
+from .backends.session import open_graph
+from .bundle.bundle import Bundle
+from .bundle.params import GATE_SIGNALS, POST_DEFAULTS, check_combination, validate  # noqa: F401  (re-exported)
+from .stages import detect, heatmap, preprocess
+from .stages.fusion import weighted_boxes_fusion
+from .stages.images import ImageError, as_rgb, load_image
+from .stages.matching import match_objects
 
 VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
 CLIP_CHUNK = 64

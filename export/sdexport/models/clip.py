@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import (BuildContext, export_onnx, image_like, jsonable, pil_pass_order, seed_torch,
-                       to_numpy)
+from ..context import (
+    BuildContext,
+    export_onnx,
+    image_like,
+    jsonable,
+    pil_pass_order,
+    seed_torch,
+    to_numpy,
+)
 from ..sources import Source
 from ..writer import BundleWriter, GoldenRecorder
 

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sdrun.errors import SpotdiffError
 from torch import nn
 
-from sdrun.errors import SpotdiffError
-
-from ..context import BuildContext, export_onnx, image_like, jsonable, seed_torch, to_numpy
+from ..context import (
+    BuildContext,
+    export_onnx,
+    image_like,
+    jsonable,
+    seed_torch,
+    to_numpy,
+)
 from ..sources import Source, SourceError
 from ..writer import BundleWriter, GoldenRecorder
 
@@ -77,8 +83,11 @@ def _load_hub(source: Source):
 
 
 def _load_local(source: Source):
-    from transformers import (GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor)
+    from transformers import (
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+    )
 
     folder = Path(source.id)
     if not (folder / "config.json").is_file():
@@ -219,7 +228,11 @@ def preset_processor(vocab: dict[str, int]):
     """The hub's processor settings with a home-made tokenizer.
 
     `BertTokenizerFast(vocab_file=...)` is silently ignored in transformers 5.x: pass the dict."""
-    from transformers import BertTokenizerFast, GroundingDinoImageProcessor, GroundingDinoProcessor
+    from transformers import (
+        BertTokenizerFast,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+    )
 
     image_processor = GroundingDinoImageProcessor(
         size={"shortest_edge": 800, "longest_edge": 1333}, resample=2, do_rescale=True,

@@ -9,11 +9,17 @@ import math
 
 import numpy as np
 import torch
+from sdrun.bundle.vocab import make_prompts
 from torch import nn
 
-from sdrun.vocab import make_prompts
-
-from ..context import BuildContext, export_onnx, image_like, jsonable, seed_torch, to_numpy
+from ..context import (
+    BuildContext,
+    export_onnx,
+    image_like,
+    jsonable,
+    seed_torch,
+    to_numpy,
+)
 from ..sources import Source
 from ..tokenizers import clip_tokenizer
 from ..writer import BundleWriter, GoldenRecorder

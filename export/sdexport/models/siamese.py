@@ -7,8 +7,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..context import (BuildContext, export_onnx, image_like, jsonable, pil_pass_order, seed_torch,
-                       to_numpy)
+from ..context import (
+    BuildContext,
+    export_onnx,
+    image_like,
+    jsonable,
+    pil_pass_order,
+    seed_torch,
+    to_numpy,
+)
 from ..sources import Source, SourceError
 from ..writer import BundleWriter, GoldenRecorder
 
@@ -156,7 +163,7 @@ def heat_transform(size_hw: tuple[int, int]):
 
 
 def heat_facts(size_hw: tuple[int, int]) -> dict:
-    """`heat_transform` as preprocessing facts the runtime reads (`sdrun.preprocess.siamese_image`):
+    """`heat_transform` as preprocessing facts the runtime reads (`sdrun.stages.preprocess.siamese_image`):
     squash to HxW, bilinear, [0, 1]. Bundles built before it record timm's eval transform
     (`preprocess_facts`) and keep it."""
     h, w = size_hw

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .pipeline import Detections, PairOutputs, Pipeline
+from ..pipeline import Detections, PairOutputs, Pipeline
 
 CACHE_VERSION = 1
 MODEL_PARAMS = ("wbf_iou_thr", "wbf_skip_box_thr", "owlvit_score_thr", "gdino_box_thr")

@@ -13,7 +13,7 @@ file that onnxruntime cannot load is deleted and the source graph used instead.
 
 Only the CPU provider is cached (a CUDA session's optimised graph holds fused CUDA nodes
 that are not meant to be saved). `SPOTDIFF_GRAPH_CACHE=0` turns the cache off; it lives
-in `<cache folder>/ort-graphs/` (see `sdrun.digests.cache_dir`) and may be deleted at
+in `<cache folder>/ort-graphs/` (see `sdrun.bundle.digests.cache_dir`) and may be deleted at
 any time.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from ..bundle.digests import DigestCache, cache_dir
 from .cpu import cpu_info
-from .digests import DigestCache, cache_dir
 
 SUBDIR = "ort-graphs"
 

@@ -35,11 +35,12 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .errors import BundleError, ProviderError
+from ..errors import BundleError, ProviderError
+from .interface import Model
 
 ENGINE_DIR = "trt"
 PRECISIONS = ("fp16", "fp32")
@@ -545,9 +546,11 @@ def parse_provider(provider: str) -> tuple[str, str | None]:
 
 
 def open_engine(bundle, model: str, graph: str, precision: str | None = None, *,
-                allow_onnx_fallback: bool = False, group=None, threads: int | None = None):
-    """A TrtModel for this graph, or (when allowed) an onnxruntime CUDA session of its ONNX
-    graph with an EngineFallbackWarning. Never runs on the CPU."""
+                group=None, fallback: Callable[[int], Model] | None = None) -> Model:
+    """A TrtModel for this graph; when the bundle has no usable engine, an EngineError,
+    or with `fallback` (device -> a Model of the ONNX graph on that GPU, which
+    `session.open_graph` passes for --allow-onnx-fallback) that model and an
+    EngineFallbackWarning. Never runs on the CPU."""
     trt = import_tensorrt()
     info = gpu_info(cuda_api())  # a clear error without a GPU, before any CUDA call
     ctx = device_context(group, info.device)
@@ -560,18 +563,15 @@ def open_engine(bundle, model: str, graph: str, precision: str | None = None, *,
         tol = section_tolerance(engines_section(bundle)[key])
         return TrtModel(path, ctx, key=key, tolerance=tol, label=f"{model}/{graph} [{key}]")
     except EngineError as e:
-        if not allow_onnx_fallback:
+        if fallback is None:
             raise
-        from .session import OnnxModel  # noqa: PLC0415
-
         try:
-            fallback = OnnxModel(bundle.path(bundle.model(model)["graphs"][graph]["file"]),
-                                 "cuda", threads, device=info.device)
+            model_on_gpu = fallback(info.device)
         except ProviderError as e2:
             raise ProviderError(f"{e}\nThe ONNX fallback is not possible either: {e2}") from None
         warnings.warn(f"{e} Falling back to onnxruntime CUDA for {model}/{graph} on "
                       f"{info.name} ({info.arch}).", EngineFallbackWarning, stacklevel=3)
-        return fallback
+        return model_on_gpu
 
 
 def section_tolerance(section: dict) -> float:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from .options import PROVIDER, THREADS, load_pipeline
+
 DATA = click.option("--data", required=True, type=click.Path(file_okay=False),
                     help="Folder with data/{id}_1.png and data/{id}_2.png (or the images directly).")
 CSV = click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False),
@@ -29,24 +31,8 @@ def _warn(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _pipeline(bundle, provider, threads, params=()):
-    """As `sdrun run`'s, but each session opens at its first use (a filled cache needs none)."""
-    from . import cli
-    from .pipeline import Pipeline
-
-    overrides = cli._params(params)
-    extra = {}
-    key = getattr(cli, "_FALLBACK_KEY", None)  # --allow-onnx-fallback, where the CLI has it
-    ctx = click.get_current_context(silent=True)
-    if key and ctx and ctx.meta.get(key):
-        extra["allow_onnx_fallback"] = True
-    pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=overrides, **extra)
-    return pipe
-
-
 def register(group) -> None:
     """Add this module's commands to the `sdrun` group."""
-    from .cli import PROVIDER, THREADS  # the same execution-provider options as `sdrun run`
 
     @group.command()
     @click.argument("submission", type=click.Path(dir_okay=False))
@@ -69,7 +55,7 @@ def register(group) -> None:
         a missing column, a repeated id, an id the truth does not have or one the
         submission lacks is an error that lists the ids.
         """
-        from .score import score_files
+        from ..apps.score import score_files
 
         s = score_files(submission, truth, normalize=normalize)
         if as_json:
@@ -112,13 +98,13 @@ def register(group) -> None:
         with the synonym map unless --raw-labels.
         """
 
-        from .evaluate import REPORT_FILES, evaluate, load_labelled, write_report
-        from .files import check_output_paths
-        from .tune import split_ids
+        from ..apps.evaluate import REPORT_FILES, evaluate, load_labelled, write_report
+        from ..apps.tune import split_ids
+        from ..files import check_output_paths
 
         check_output_paths({f"--out {name}": Path(out) / name for name in REPORT_FILES},
                            [("the --csv file", Path(csv_path))], [("the bundle", Path(bundle))])
-        pipe = _pipeline(bundle, provider, threads, params)
+        pipe = load_pipeline(bundle, provider, threads, params)
         lab = load_labelled(data, csv_path, normalize=not raw_labels, warn=_warn)
         pairs = lab.pairs
         split = "every pair"
@@ -138,7 +124,7 @@ def register(group) -> None:
                 if not r.ok:
                     _warn(f"error: pair {i}: {r.error}")
         else:
-            from .cache import OutputCache
+            from ..apps.cache import OutputCache
 
             cache = OutputCache(pipe, cache_dir)
             fill = cache.fill(pairs, batch_pairs=batch_pairs, progress=not quiet, warn=_warn)
@@ -147,8 +133,8 @@ def register(group) -> None:
                           f"{len(fill.outputs) - fill.computed} read")
         seconds = time.perf_counter() - t0
         ev = evaluate(results, lab.truth)
-        from .pipeline import POST_DEFAULTS
-        from .tune import SWEPT
+        from ..apps.tune import SWEPT
+        from ..pipeline import POST_DEFAULTS
 
         merged = pipe._merged(None)
         post = {k: merged.get(k) for k in (*SWEPT, *POST_DEFAULTS)}
@@ -208,11 +194,11 @@ def register(group) -> None:
         and does not lose on the validation pairs (--force: write anyway); `sdrun run` then
         uses it.
         """
-        from .evaluate import load_labelled
-        from .tune import SWEPT, load_grid, run_tune, table, write_choice
+        from ..apps.evaluate import load_labelled
+        from ..apps.tune import SWEPT, load_grid, run_tune, table, write_choice
 
         grid = load_grid(grid_file)
-        pipe = _pipeline(bundle, provider, threads)
+        pipe = load_pipeline(bundle, provider, threads)
         lab = load_labelled(data, csv_path, normalize=not raw_labels, warn=_warn)
         s = run_tune(pipe, lab, val_frac=val_frac, seed=seed, grid=grid, cache_dir=cache_dir,
                      batch_pairs=batch_pairs, progress=not quiet, warn=_warn)

@@ -1,7 +1,7 @@
 """Runnable graphs behind one interface: `run(feeds) -> dict`, `input_names`, `output_names`.
 
 Providers: "cpu" (onnxruntime CPU), "cuda" (onnxruntime CUDA), "tensorrt" (the
-bundle's native TensorRT engines for this GPU, `sdrun.trt`; "tensorrt:fp16" /
+bundle's native TensorRT engines for this GPU, `sdrun.backends.trt`; "tensorrt:fp16" /
 "tensorrt:fp32" pick a precision). A GPU provider that is absent is an error,
 never a silent CPU run.
 """
@@ -14,14 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BundleError, ProviderError, SpotdiffError
 from .cpu import int8_clipping_warning
-from .errors import BundleError, ProviderError, SpotdiffError
+from .interface import ALL_PROVIDERS, ORT_PROVIDERS, Model
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-}
-ALL_PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32")
+PROVIDERS = ORT_PROVIDERS
 
 
 def default_threads() -> int:
@@ -135,7 +132,7 @@ def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
     """The runnable form of one graph of a bundle for this provider.
 
     "tensorrt" opens the bundle's engine for this GPU and TensorRT version (see
-    `sdrun.trt`); when there is none, it is an error unless `allow_onnx_fallback`,
+    `sdrun.backends.trt`); when there is none, it is an error unless `allow_onnx_fallback`,
     which runs the ONNX graph with onnxruntime CUDA on the same GPU (with a warning).
     Engines opened with the same `group` (e.g. one Pipeline) share one CUDA stream.
     """
@@ -144,8 +141,12 @@ def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
     if provider.startswith("tensorrt"):
         from .trt import open_engine, parse_provider
 
-        return open_engine(bundle, model, graph, parse_provider(provider)[1],
-                           allow_onnx_fallback=allow_onnx_fallback, group=group, threads=threads)
+        def onnx_on_gpu(device: int) -> Model:
+            path = bundle.path(bundle.model(model)["graphs"][graph]["file"])
+            return OnnxModel(path, "cuda", threads, device=device)
+
+        return open_engine(bundle, model, graph, parse_provider(provider)[1], group=group,
+                           fallback=onnx_on_gpu if allow_onnx_fallback else None)
     entry = bundle.model(model)["graphs"][graph]
     if provider == "cpu":
         warning = int8_clipping_warning(entry, f"{model}/{graph}")

@@ -10,7 +10,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .csvfile import read_csv
+from ..csvfile import read_csv
 
 LABEL_COLUMNS = ("added_objs", "removed_objs", "changed_objs")
 

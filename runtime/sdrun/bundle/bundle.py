@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BundleError
+from ..files import atomic_write
 from .digests import DigestCache, sha256_file  # noqa: F401  (sha256_file: used by sdexport)
-from .errors import BundleError
-from .files import atomic_write
 from .params import validate as validate_params
 
 SCHEMA_VERSION = 1
@@ -161,7 +161,7 @@ class Bundle:
 
     @property
     def params(self) -> dict[str, Any]:
-        """The bundle's parameters, checked (`sdrun.params`): numbers as float."""
+        """The bundle's parameters, checked (`sdrun.bundle.params`): numbers as float."""
         rel = self.manifest.get("params_file")
         if not rel:
             raise BundleError(f"{self.root / MANIFEST}: no params_file")

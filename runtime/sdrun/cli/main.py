@@ -6,9 +6,17 @@ import sys
 
 import click
 
-from .bundle import Bundle
-from .cpu import cpu_info, graph_max_abs_weight, int8_clipping_warning, int8_kernel, isa_summary
-from .errors import SpotdiffError
+from ..backends.cpu import (
+    cpu_info,
+    graph_max_abs_weight,
+    int8_clipping_warning,
+    int8_kernel,
+    isa_summary,
+)
+from ..bundle.bundle import Bundle
+from ..errors import SpotdiffError
+from . import eval as eval_commands
+from .options import PARAM, PROVIDER, THREADS, load_pipeline
 
 
 class _Group(click.Group):
@@ -46,7 +54,7 @@ def check(bundle, provider, models, as_json):
     with PyTorch's (relative L2 and max-abs). Exits 1 if any output is out of tolerance.
     """
     b = Bundle.load(bundle)
-    from .check import check_bundle
+    from ..apps.check import check_bundle
 
     failed = 0
     if not as_json and b.manifest.get("precision") == "int8":
@@ -133,58 +141,13 @@ def int8_summary(b: Bundle) -> str:
     return "\n".join(lines)
 
 
-def _params(values: tuple[str, ...]) -> dict:
-    from .params import parse_overrides
-
-    return parse_overrides(values)
-
-
-_FALLBACK_KEY = "sdrun.allow_onnx_fallback"
-
-
-def _remember_fallback(ctx, param, value):
-    ctx.meta[_FALLBACK_KEY] = value
-    return value
-
-
-def PROVIDER(f):  # noqa: N802  (used like the other option decorators)
-    """--provider and --allow-onnx-fallback (read by `_pipeline` from the click context)."""
-    f = click.option("--allow-onnx-fallback", is_flag=True, expose_value=False,
-                     callback=_remember_fallback,
-                     help="With --provider tensorrt: when the bundle has no engine for this "
-                          "GPU/TensorRT, run the ONNX graph with onnxruntime CUDA on the same "
-                          "GPU (with a warning) instead of failing.")(f)
-    return click.option("--provider", default="cpu", show_default=True,
-                        type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt:fp16",
-                                           "tensorrt:fp32"]),
-                        help="cpu or cuda (onnxruntime), or tensorrt: the bundle's engines for "
-                             "this GPU (fp16 preferred; tensorrt:fp32 for fp32 engines). A GPU "
-                             "provider that is absent is an error, never a CPU run.")(f)
-
-
-THREADS = click.option("--threads", type=int, default=None,
-                       help="onnxruntime intra-op threads (default: one per core).")
-PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
-                     help="Override a bundle parameter for this run (repeatable), e.g. det_thr=0.3.")
-
-
-def _pipeline(bundle, provider, threads, params):
-    from .pipeline import Pipeline
-
-    ctx = click.get_current_context(silent=True)
-    fallback = bool(ctx and ctx.meta.get(_FALLBACK_KEY))
-    pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=_params(params),
-                         allow_onnx_fallback=fallback)
-    return pipe.open_sessions()
-
-
 def check_run_paths(bundle, pairs, csv_path, out, details, viz_dir) -> None:
     """Refuse (OutputPathError) outputs of `sdrun run` that would overwrite an input image,
     the ids CSV, a file of the bundle, or each other."""
     from pathlib import Path
 
-    from .files import check_output_paths
-    from .runner import run_record_path
+    from ..apps.runner import run_record_path
+    from ..files import check_output_paths
 
     outputs = {"--out": out, "--details": details,
                "the run record of --details": run_record_path(details)}
@@ -235,8 +198,8 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, forc
     """
     from pathlib import Path
 
-    from .dataset import list_pairs
-    from .runner import run_dataset
+    from ..apps.dataset import list_pairs
+    from ..apps.runner import run_dataset
 
     pairs = list_pairs(data, csv_path)
     if not pairs:
@@ -245,7 +208,7 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, forc
     details = Path(details) if details else out.with_suffix(".details.jsonl")
     viz = Path(viz_dir) if viz_dir else None
     check_run_paths(bundle, pairs, csv_path, out, details, viz)
-    pipe = _pipeline(bundle, provider, threads, params)
+    pipe = load_pipeline(bundle, provider, threads, params).open_sessions()
     summary = run_dataset(pipe, pairs, out, details, batch_pairs=batch_pairs, resume=resume,
                           viz_dir=viz, progress=not quiet, force_rerun=force_rerun)
     click.echo(f"{summary.total} pairs ({summary.done_before} done before), "
@@ -267,17 +230,17 @@ def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
     """What changed from IMAGE_A to IMAGE_B: added, removed and changed labels."""
     from pathlib import Path
 
-    from .files import check_output_paths
-    from .images import load_image
+    from ..files import check_output_paths
+    from ..stages.images import load_image
 
     if viz:
         check_output_paths({"--viz": Path(viz)}, [("IMAGE_A", Path(image_a)), ("IMAGE_B", Path(image_b))],
                            [("the bundle", Path(bundle))])
-    pipe = _pipeline(bundle, provider, threads, params)
+    pipe = load_pipeline(bundle, provider, threads, params).open_sessions()
     a, b = load_image(image_a), load_image(image_b)
     r = pipe.diff(a, b)
     if viz:
-        from .viz import save_pair_viz
+        from ..apps.viz import save_pair_viz
 
         save_pair_viz(viz, a, b, r)
     if as_json:
@@ -306,15 +269,13 @@ def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
 def synth(out, n_pairs, seed, size, overwrite):
     """Make synthetic labelled pairs: simple objects added, removed, moved or recoloured,
     with brightness and blocky compression-like distractors."""
-    from .synth import write_synthetic_pairs
+    from ..apps.synth import write_synthetic_pairs
 
     labels = write_synthetic_pairs(out, n_pairs, seed=seed, size=(size, size), overwrite=overwrite)
     click.echo(f"{n_pairs} pairs -> {labels.parent / 'data'}, labels in {labels}")
 
 
-from . import cli_eval  # noqa: E402  score, eval, tune
-
-cli_eval.register(main)
+eval_commands.register(main)  # score, eval, tune
 
 if __name__ == "__main__":
     main()

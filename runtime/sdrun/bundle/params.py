@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .errors import SpotdiffError
+from ..errors import SpotdiffError
 
 GATE_SIGNALS = ("change_score", "change_logit")
 COLUMNS = ("added", "removed", "changed")

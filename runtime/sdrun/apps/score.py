@@ -16,7 +16,7 @@ over rows and columns. spotdiff tunes on the row F1 instead (docs/departures.md)
 the three columns averaged. It ignores rows where both sides say "none".
 
 ``normalize=True`` maps every word on both sides through the notebook's synonym map
-(`sdrun.vocab.normalize_label`) first (``man guy`` -> ``person``).
+(`sdrun.bundle.vocab.normalize_label`) first (``man guy`` -> ``person``).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .csvfile import CsvError, read_csv
-from .errors import SpotdiffError
-from .vocab import LABEL_COLUMNS, normalize_label, parse_label_cell
+from ..bundle.vocab import LABEL_COLUMNS, normalize_label, parse_label_cell
+from ..csvfile import CsvError, read_csv
+from ..errors import SpotdiffError
 
 COLUMNS = LABEL_COLUMNS  # added_objs, removed_objs, changed_objs
 SHORT = {"added_objs": "added", "removed_objs": "removed", "changed_objs": "changed"}

@@ -7,7 +7,7 @@
     OUT/score_vs_change.png  pair score against the change score and the change logit
     OUT/worst/{id}.png       the worst pairs: both images, heatmap, kept boxes by status, truth
 
-The truth is normalised with the synonym map (`sdrun.vocab.normalize_label`: man,
+The truth is normalised with the synonym map (`sdrun.bundle.vocab.normalize_label`: man,
 guy -> person, the notebook's map) unless asked not to, and so are the predictions (vocabulary
 labels are normalised words already), exactly as `sdrun score --normalize` does.
 """
@@ -23,10 +23,11 @@ from typing import Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
+from ..bundle.vocab import normalize_label
+from ..pipeline import COLUMNS, PairResult
 from .dataset import DatasetError, list_pairs, submission_row
-from .pipeline import COLUMNS, PairResult
-from .score import COLUMNS as CSV_COLUMNS, Score, Sets, label_counts, list_ids, read_label_csv, score_sets
-from .vocab import normalize_label
+from .score import COLUMNS as CSV_COLUMNS
+from .score import Score, Sets, label_counts, list_ids, read_label_csv, score_sets
 
 REPORT_FILES = ("report.md", "predictions.csv", "pairs.csv", "score_vs_change.png")
 
@@ -163,7 +164,7 @@ def _caption(img: np.ndarray, text: str) -> np.ndarray:
 def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Path, Path]],
                  header: Sequence[str] = (), worst: int = 12) -> Path:
     """Write the report folder; returns the path of report.md."""
-    from .images import load_image
+    from ..stages.images import load_image
     from .viz import render_pair
 
     out = Path(out)

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import SpotdiffError
+from ..files import atomic_write
+from ..pipeline import PairResult, Pipeline
 from .dataset import SUBMISSION_COLUMNS, PairSource, submission_row
-from .errors import SpotdiffError
-from .files import atomic_write
-from .pipeline import PairResult, Pipeline
 
 RUN_RECORD_FORMAT = "spotdiff-run/1"
 RECORD_KEYS = {"img_id": str, "added": list, "removed": list, "changed": list}
@@ -44,7 +44,7 @@ def run_record_path(details: Path) -> Path:
 
 def run_record(pipe: Pipeline) -> dict:
     """What produced a details file: compared field by field on resume."""
-    from . import __version__
+    from ..version import __version__
 
     return {"format": RUN_RECORD_FORMAT, "spotdiff": __version__,
             "bundle": {"path": str(Path(pipe.bundle.root).resolve()), "content_id": pipe.bundle.content_id},

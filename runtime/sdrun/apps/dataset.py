@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .csvfile import read_csv
-from .errors import SpotdiffError
+from ..csvfile import read_csv
+from ..errors import SpotdiffError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SUBMISSION_COLUMNS = ("img_id", "added_objs", "removed_objs", "changed_objs")

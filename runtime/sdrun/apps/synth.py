@@ -18,9 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..bundle.vocab import normalize_label
+from ..errors import SpotdiffError
 from .dataset import IMAGE_EXTS
-from .errors import SpotdiffError
-from .vocab import normalize_label
 
 
 class SynthError(SpotdiffError):

@@ -33,14 +33,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import heatmap
-from .errors import SpotdiffError
-from .fusion import iou_matrix
-from .matching import clip_similarity, linear_sum_assignment
-from .params import check_value
-from .pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
+from ..bundle.params import check_value
+from ..bundle.vocab import normalize_label
+from ..errors import SpotdiffError
+from ..pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
+from ..stages import heatmap
+from ..stages.fusion import iou_matrix
+from ..stages.matching import clip_similarity, linear_sum_assignment
 from .score import Sets, score_sets
-from .vocab import normalize_label
 
 SWEPT = ("det_thr", "iou_thr", "alpha", "heat_lambda", "heat_th")
 DEFAULT_GRID = {
@@ -437,7 +437,7 @@ def run_tune(pipe: Pipeline, labelled, val_frac: float = 0.2, seed: int = 0, gri
 def write_choice(bundle_root: str | Path, choice: Choice) -> Path:
     """Merge the winner into the bundle's parameters file (sha256 in the manifest updated;
     the old file kept as `<params file>.bak`)."""
-    from .bundle import Bundle, write_params
+    from ..bundle.bundle import Bundle, write_params
 
     b = Bundle.load(bundle_root)
     return write_params(bundle_root, {**b.params, **choice.params()})

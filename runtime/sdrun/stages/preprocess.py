@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import BundleError
+from ..errors import BundleError
 from .images import as_rgb
 from .pixels import pixel_floor
 

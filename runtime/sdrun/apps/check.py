@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import Bundle
-from .matching import linear_sum_assignment
-from .session import open_graph
+from ..backends.session import open_graph
+from ..bundle.bundle import Bundle
+from ..stages.matching import linear_sum_assignment
 
 DEFAULT_REL_L2 = 1e-5
 
@@ -101,7 +101,7 @@ def golden_cases(golden: dict[str, np.ndarray]) -> dict[tuple[str, str], dict[st
 
 
 class _StreamGroup:
-    """A weak-referenceable owner of one CUDA stream (see sdrun.trt.device_context)."""
+    """A weak-referenceable owner of one CUDA stream (see sdrun.backends.trt.device_context)."""
 
 
 def check_graph(bundle: Bundle, model: str, graph: str, session, tolerance: float | None = None):

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .images import as_rgb, load_image
+from ..stages.images import as_rgb, load_image
 
 COLOURS = {  # RGB
     "added": (40, 200, 60),

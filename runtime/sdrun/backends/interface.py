@@ -1,0 +1,31 @@
+"""The one interface every runnable graph has, whatever runs it (onnxruntime's
+`session.OnnxModel`, TensorRT's `trt.TrtModel`), and the provider names.
+
+`session` and `trt` both implement it; neither imports the other's models
+(`session.open_graph` chooses, and hands `trt.open_engine` the ONNX fallback)."""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+ORT_PROVIDERS = {  # sdrun's name -> onnxruntime's
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
+ALL_PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32")
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A graph that runs: named arrays in, named arrays out."""
+
+    check_tolerance: float | None  # rel-L2 its golden check allows (None: the bundle's)
+
+    @property
+    def input_names(self) -> list[str]: ...
+
+    @property
+    def output_names(self) -> list[str]: ...
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
