@@ -302,6 +302,12 @@ class Pipeline:
             model_seconds=share, clip_seconds=clip_share, heats=heats[n])
             for n, ((pair_id, _, _), (a, b)) in enumerate(zip(pairs, images))]
 
+    @property
+    def effective_params(self) -> dict:
+        """Every parameter this pipeline runs with: the bundle's, the overrides, and the
+        defaults of the post-model ones the bundle lacks."""
+        return self._merged(None)
+
     def _merged(self, params: dict | None) -> dict:
         return {**POST_DEFAULTS, **self.params, **(validate(params, "params=") if params else {})}
 

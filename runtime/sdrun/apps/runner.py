@@ -48,7 +48,7 @@ def run_record(pipe: Pipeline) -> dict:
 
     return {"format": RUN_RECORD_FORMAT, "spotdiff": __version__,
             "bundle": {"path": str(Path(pipe.bundle.root).resolve()), "content_id": pipe.bundle.content_id},
-            "params": dict(sorted(pipe._merged(None).items())), "provider": pipe.provider}
+            "params": dict(sorted(pipe.effective_params.items())), "provider": pipe.provider}
 
 
 def record_differences(before: dict, now: dict) -> list[str]:

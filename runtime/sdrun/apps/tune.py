@@ -410,7 +410,7 @@ def run_tune(pipe: Pipeline, labelled, val_frac: float = 0.2, seed: int = 0, gri
         raise TuneError("no training pair left (every one failed); lower --val-frac")
     sw = sweep(pipe, outputs, labelled.truth, grid, progress=progress)
     current = {**{k: pipe.params.get(k) for k in SWEPT},
-               **{k: pipe._merged(None).get(k) for k in ("none_gate_signal", *GATE_KEYS)}}
+               **{k: pipe.effective_params.get(k) for k in ("none_gate_signal", *GATE_KEYS)}}
     choices = choose(sw, train, val, grid, current)
     best = choices[0]
     cur_tr = finish_score(pipe, outputs, labelled.truth, train).mean

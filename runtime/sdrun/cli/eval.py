@@ -136,7 +136,7 @@ def register(group) -> None:
         from ..apps.tune import SWEPT
         from ..pipeline import POST_DEFAULTS
 
-        merged = pipe._merged(None)
+        merged = pipe.effective_params
         post = {k: merged.get(k) for k in (*SWEPT, *POST_DEFAULTS)}
         header = [f"- bundle: `{bundle}`", f"- data: `{data}`, labels: `{csv_path}`",
                   f"- pairs: {len(ev.ids)} ({split}); {len(lab.skipped)} labelled row(s) without images left out",
