@@ -164,5 +164,66 @@ def _engines(bundle, precision, max_batch, models, force, workspace_gb, opt_leve
         sys.exit(1)
 
 
+@main.command("train-change")
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="Folder with data/{id}_1.png and data/{id}_2.png (the competition layout).")
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False),
+              help="Labels: img_id,added_objs,removed_objs,changed_objs (e.g. train.csv). The "
+                   "weak label of a pair is 1 when any column names a label.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: config.json, split.json, metrics.jsonl, last.pt, best.safetensors.")
+@click.option("--backbone", default=DEFAULT_HUB_IDS["siamese"], show_default=True,
+              help="The ViT, as --siamese of `sdexport build`: a timm name, a local timm folder, "
+                   "or a preset (tiny-random: small, random weights, no network).")
+@click.option("--heads", type=click.Choice(["change", "per-class"]), default="change", show_default=True,
+              help="change: the notebook's change logit; per-class: also 3 x V logits (label v "
+                   "added / removed / changed) trained on the CSV's category labels.")
+@click.option("--vocab", help="per-class heads: the labels (a comma-separated list or a CSV); "
+                              "default: every label of --csv, normalised and sorted (the notebook's).")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="AdamW's peak learning rate (linear warm-up over 10% of the steps, then cosine).")
+@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0))
+@click.option("--val-frac", default=0.2, show_default=True, type=float,
+              help="Share of the pairs held out for validation (a split drawn from --seed).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+              help="DataLoader worker processes (0: load images in this process).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out after its last finished epoch.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_change(data, csv_path, out, backbone, heads, vocab, epochs, batch_size, lr, weight_decay,
+                 val_frac, seed, device, workers, resume, quiet):
+    """Train the notebook's Siamese change model (its dataset, augmentations, weak label and
+    focal loss; a class-balanced sampler; AdamW, warm-up + cosine) on labelled pairs.
+
+    Per epoch: train loss, validation loss, ROC-AUC and best F1 of the change logit, into
+    OUT/metrics.jsonl. The best epoch (by validation AUC) is OUT/best.safetensors:
+
+    \b
+      sdexport build --out engines/trained --siamese-ckpt OUT/best.safetensors ...
+      sdrun tune engines/trained --data DIR --csv train.csv
+      sdrun run engines/trained --data TEST --out submission.csv
+    """
+    from sdrun.bundle.vocab import parse_vocabulary
+
+    from .train.loop import TrainConfig, train_change as run
+
+    try:
+        cfg = TrainConfig(data=data, csv=csv_path, backbone=backbone, heads=heads, epochs=epochs,
+                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_frac=val_frac,
+                          seed=seed, vocab=parse_vocabulary(vocab) if vocab else None)
+        best = run(cfg, out, resume=resume, device=device, workers=workers, progress=not quiet,
+                   log=lambda m: click.echo(m, err=True))
+    except (SpotdiffError, ValueError, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if best:
+        auc = "n/a (one class in validation)" if best["val_auc"] is None else f"{best['val_auc']:.3f}"
+        click.echo(f"best epoch {best['epoch']}: val AUC {auc}, best F1 "
+                   f"{best['val_best_f1']:.3f} -> {out}/best.safetensors")
+
+
 if __name__ == "__main__":
     main()

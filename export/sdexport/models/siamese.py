@@ -1,6 +1,7 @@
 """Siamese ViT change model: pairs [N,2,3,S,S] -> per-patch L2 distance map + change logit."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,21 @@ class SiameseViTChange(nn.Module):
     dict holds `backbone.head.*`, unused here), `forward_features` tokens for both images,
     and a head Linear(2D, 256) -> ReLU -> Linear(256, 1) on the two mean-pooled token sets
     (class token included). The heat map is the per-patch L2 distance of the tokens after
-    the first (the class token), on the patch grid."""
+    the first (the class token), on the patch grid.
 
-    def __init__(self, backbone: nn.Module, hidden: int = HEAD_HIDDEN):
+    `n_labels` > 0 adds per-class change heads (the notebook's section 6, "classification
+    heads, trained from category-level labels"): `class_head`, the same shape of MLP on the
+    same pooled features, giving [N, 3, n_labels] logits: label v added / removed / changed."""
+
+    def __init__(self, backbone: nn.Module, hidden: int = HEAD_HIDDEN, n_labels: int = 0):
         super().__init__()
         self.backbone = backbone
         self.embed_dim = backbone.num_features
+        self.n_labels = n_labels
         self.head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        if n_labels:
+            self.class_head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(),
+                                            nn.Linear(hidden, 3 * n_labels))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         n = a.shape[0]
@@ -43,8 +52,11 @@ class SiameseViTChange(nn.Module):
         ta, tb = tokens[:n], tokens[n:]
         gh, gw = self.backbone.patch_embed.grid_size
         heat = (ta[:, 1:] - tb[:, 1:]).pow(2).sum(-1).sqrt().reshape(n, gh, gw)
-        logit = self.head(torch.cat([ta.mean(1), tb.mean(1)], dim=1)).squeeze(-1)
-        return heat, logit
+        pooled = torch.cat([ta.mean(1), tb.mean(1)], dim=1)
+        logit = self.head(pooled).squeeze(-1)
+        if not self.n_labels:
+            return heat, logit
+        return heat, logit, self.class_head(pooled).reshape(n, 3, self.n_labels)
 
 
 class PairGraph(nn.Module):
@@ -56,7 +68,8 @@ class PairGraph(nn.Module):
         return self.model(pairs[:, 0], pairs[:, 1])
 
 
-def _backbone(source: Source):
+def backbone_for(source: Source):
+    """The timm ViT of a `--siamese` source: a preset (random), a local timm folder or a hub name."""
     import timm
 
     if source.kind == "preset":
@@ -116,12 +129,42 @@ def _check_state_dict(path: Path, model: nn.Module, sd: dict) -> None:
                       f"on this backbone ({'; '.join(parts)})")
 
 
+def checkpoint_vocabulary(path: Path) -> list[str] | None:
+    """The label list `sdexport train-change` stores in a checkpoint with per-class
+    heads (safetensors metadata), or None."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["vocabulary"]) if meta.get("vocabulary") else None
+
+
+def _check_head_vocabulary(path: Path, n_labels: int, vocabulary: list[str]) -> None:
+    """Per-class heads give one logit per bundle label: the checkpoint's labels must be
+    the bundle's, in its order."""
+    trained = checkpoint_vocabulary(path)
+    if trained is None:
+        if n_labels != len(vocabulary):
+            raise SourceError(f"--siamese-ckpt {path}: its per-class heads have {n_labels} labels, "
+                              f"the bundle's vocabulary {len(vocabulary)}")
+        return
+    if list(trained) != list(vocabulary):
+        extra = [w for w in trained if w not in vocabulary]
+        lacking = [w for w in vocabulary if w not in trained]
+        raise SourceError(f"--siamese-ckpt {path}: its per-class heads were trained on another "
+                          f"vocabulary ({len(trained)} labels; not in the bundle: {extra[:8]}, "
+                          f"missing: {lacking[:8]}{'' if extra or lacking else ', same labels in another order'}); "
+                          "build with --vocab of the training CSV (or the run's vocabulary.json labels)")
+
+
 def load_torch(source: Source, ctx: BuildContext, ckpt: str | Path | None = None):
     """(SiameseViTChange in eval mode, timm data config, what the head was loaded from)."""
     import timm
 
     seed_torch(ctx.seed * 7 + 3)
-    backbone = _backbone(source)
+    backbone = backbone_for(source)
     if ckpt is None and source.kind == "local" and (Path(source.id) / CKPT_FILE).is_file():
         ckpt = Path(source.id) / CKPT_FILE
     head_from = "random init (no --siamese-ckpt)"
@@ -129,8 +172,11 @@ def load_torch(source: Source, ctx: BuildContext, ckpt: str | Path | None = None
         ckpt = Path(ckpt)
         sd = load_state_dict_file(ckpt)
         hidden = sd["head.0.weight"].shape[0] if "head.0.weight" in sd else HEAD_HIDDEN
-        model = SiameseViTChange(backbone, hidden)
+        n_labels = sd["class_head.2.weight"].shape[0] // 3 if "class_head.2.weight" in sd else 0
+        model = SiameseViTChange(backbone, hidden, n_labels)
         _check_state_dict(ckpt, model, sd)
+        if n_labels:
+            _check_head_vocabulary(ckpt, n_labels, ctx.vocabulary)
         model.load_state_dict(sd, strict=True)
         head_from = str(ckpt)
     else:
@@ -191,9 +237,9 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext,
     rng = ctx.generator(3)
     with ctx.timed("siamese graph export"):
         example = torch.from_numpy(rng.standard_normal((2, 2, 3, h, w), dtype=np.float32))
-        io = export_onnx(graph, (example,), writer.path("siamese/pair.onnx"), ["pairs"],
-                         ["heat", "logit"], {"pairs": {0: "pairs"}, "heat": {0: "pairs"},
-                                             "logit": {0: "pairs"}}, ctx.opset)
+        outputs = ["heat", "logit"] + (["class_logits"] if model.n_labels else [])
+        io = export_onnx(graph, (example,), writer.path("siamese/pair.onnx"), ["pairs"], outputs,
+                         {"pairs": {0: "pairs"}, **{o: {0: "pairs"} for o in outputs}}, ctx.opset)
     from PIL import Image
 
     transform = heat_transform((h, w))
@@ -205,8 +251,8 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext,
     with torch.no_grad():
         for case, pairs in (("random", rng.standard_normal((3, 2, 3, h, w), dtype=np.float32)),
                             ("image", image_pair.astype(np.float32))):
-            heat, logit = graph(torch.from_numpy(pairs))
-            golden.add(case, "pair", {"pairs": pairs}, {"heat": to_numpy(heat), "logit": to_numpy(logit)})
+            out = graph(torch.from_numpy(pairs))
+            golden.add(case, "pair", {"pairs": pairs}, {o: to_numpy(t) for o, t in zip(outputs, out)})
     grid = list(model.backbone.patch_embed.grid_size)
     entry.update({
         "graphs": {"pair": {"file": "siamese/pair.onnx", **io}},
@@ -216,4 +262,6 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext,
         "heat_grid": grid,
         "preprocess": heat_facts((h, w)),
     })
+    if model.n_labels:  # per-class change heads: class_logits [N, 3, V] over the bundle's labels
+        entry["class_heads"] = {"columns": ["added", "removed", "changed"], "labels": len(ctx.vocabulary)}
     return entry
