@@ -72,6 +72,7 @@ class PairOutputs:
     embeds: tuple[np.ndarray, np.ndarray]
     embedded: tuple[np.ndarray, np.ndarray]
     views: list[tuple[str, Detections]] = field(default_factory=list)
+    class_probs: np.ndarray | None = None  # per-class change heads: [3, V] sigmoid (added, removed, changed)
     model_seconds: float = 0.0  # detectors + Siamese (+ CLIP) time, this pair's share of its batch
     clip_seconds: float = 0.0  # of which CLIP
     heats: tuple | None = field(default=None, repr=False, compare=False)  # upsampled heat, transient
@@ -98,6 +99,7 @@ class PairResult:
     change_logit: float = 0.0
     image_sizes: list[list[int]] = field(default_factory=list)  # [[h, w], [h, w]]
     heatmaps: tuple | None = field(default=None, repr=False)  # per image, HxW float32
+    class_probs: dict | None = None  # per-class change heads: column -> label -> probability
     error: str | None = None
 
     @property
@@ -109,7 +111,8 @@ class PairResult:
         return {"img_id": self.pair_id, "added": self.added, "removed": self.removed,
                 "changed": self.changed, "change_score": round(self.change_score, 6),
                 "change_logit": round(self.change_logit, 6), "image_sizes": self.image_sizes,
-                "objects": self.objects, "error": self.error}
+                "objects": self.objects, "error": self.error,
+                **({"class_probs": self.class_probs} if self.class_probs is not None else {})}
 
 
 def _image(x) -> np.ndarray:
@@ -229,9 +232,17 @@ class Pipeline:
 
     def change_maps(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]):
         """Siamese ViT on every pair in one call: (patch maps [N,gh,gw], change logits [N])."""
+        return self.change_outputs(pairs)[:2]
+
+    def change_outputs(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]):
+        """`change_maps` plus the per-class change probabilities [N,3,V] (None when the
+        model has no per-class heads)."""
         x = preprocess.siamese_pixels([a for a, _ in pairs], [b for _, b in pairs], self.siamese_facts)
         o = self.siamese.run({"pairs": x})
-        return o["heat"], o["logit"]
+        probs = None
+        if "class_logits" in o:
+            probs = 1.0 / (1.0 + np.exp(-o["class_logits"].astype(np.float64)))
+        return o["heat"], o["logit"], probs
 
     def embed_crops(self, images: Sequence[np.ndarray], boxes_px: Sequence[np.ndarray]) -> list[np.ndarray]:
         """CLIP embeddings of every box of every image, in as few calls as possible; a box
@@ -271,7 +282,7 @@ class Pipeline:
         t0 = time.perf_counter()
         images = [(_image(a), _image(b)) for _, a, b in pairs]
         dets, views = self._detect([im for pair in images for im in pair])
-        patch_maps, logits = self.change_maps(images)
+        patch_maps, logits, class_probs = self.change_outputs(images)
         p = self._merged(params)
         heats, chosen, ims, px = [], [], [], []
         for n, (a, b) in enumerate(images):
@@ -299,6 +310,7 @@ class Pipeline:
             detections=(dets[2 * n], dets[2 * n + 1]), patch_map=patch_maps[n],
             change_logit=float(logits[n]), embeds=(embeds[2 * n], embeds[2 * n + 1]),
             embedded=(chosen[2 * n], chosen[2 * n + 1]), views=views[2 * n] + views[2 * n + 1],
+            class_probs=None if class_probs is None else class_probs[n],
             model_seconds=share, clip_seconds=clip_share, heats=heats[n])
             for n, ((pair_id, _, _), (a, b)) in enumerate(zip(pairs, images))]
 
@@ -354,6 +366,11 @@ class Pipeline:
         sets = {"added": sorted({self.labels[int(lb[j])] for j in m.added}),
                 "removed": sorted({self.labels[int(la[i])] for i in m.removed}),
                 "changed": sorted({self.labels[int(la[i])] for i, _ in m.changed})}
+        probs = None
+        if outputs.class_probs is not None:
+            probs = {col: {label: round(float(v), 6) for label, v in zip(self.labels, row)}
+                     for col, row in zip(COLUMNS, outputs.class_probs)}
+            sets = class_head_sets(sets, probs, p)
         signal = gate_signal(p, score, outputs.change_logit)
         for col in COLUMNS:
             if gated(p.get(f"none_gate_{col}"), signal):
@@ -361,7 +378,7 @@ class Pipeline:
         return PairResult(
             pair_id=outputs.pair_id, **sets, objects=objects, change_score=score,
             change_logit=outputs.change_logit, image_sizes=[list(s) for s in outputs.image_sizes],
-            heatmaps=heats)
+            heatmaps=heats, class_probs=probs)
 
     @staticmethod
     def _embeddings_of(outputs: PairOutputs, k: int, idx: np.ndarray) -> np.ndarray:
@@ -407,6 +424,22 @@ class Pipeline:
             return self.diff_batch([pair])[0]
         except Exception as e:  # noqa: BLE001
             return PairResult(pair_id=pair[0], error=f"{type(e).__name__}: {e}")
+
+
+def class_head_sets(sets: dict, probs: dict, params: dict) -> dict:
+    """The label sets with the per-class change heads' say: with `class_mode` "detectors"
+    a column keeps only the labels whose probability reaches `class_thr_<column>` (None:
+    all); with "heads" the column is every label whose probability reaches it (None: 0.5),
+    whatever the detectors found."""
+    out = {}
+    for col in COLUMNS:
+        thr = params.get(f"class_thr_{col}")
+        if params.get("class_mode", "detectors") == "heads":
+            cut = 0.5 if thr is None else thr
+            out[col] = sorted(w for w, v in probs[col].items() if v >= cut)
+        else:
+            out[col] = sets[col] if thr is None else [w for w in sets[col] if probs[col][w] >= thr]
+    return out
 
 
 def gate_signal(params: dict, change_score: float, change_logit: float) -> float:

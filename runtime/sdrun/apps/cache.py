@@ -71,6 +71,8 @@ def save_outputs(path: Path, o: PairOutputs, key: str = "") -> None:
         d = o.detections[k]
         arrays.update({f"boxes{k}": d.boxes, f"scores{k}": d.scores, f"labels{k}": d.labels,
                        f"embeds{k}": o.embeds[k], f"embedded{k}": np.asarray(o.embedded[k], np.int64)})
+    if o.class_probs is not None:
+        arrays["class_probs"] = np.asarray(o.class_probs, np.float64)
     names = [n for n, _ in o.views]
     arrays["view_names"] = np.array(names, dtype=np.str_) if names else np.zeros(0, "<U1")
     for v, (_, d) in enumerate(o.views):
@@ -94,7 +96,8 @@ def load_outputs(path: Path) -> tuple[PairOutputs, str]:
             pair_id=str(z["pair_id"]), image_sizes=[[int(x) for x in s] for s in z["image_sizes"]],
             detections=dets, patch_map=z["patch_map"], change_logit=float(z["change_logit"]),
             embeds=(z["embeds0"], z["embeds1"]), embedded=(z["embedded0"], z["embedded1"]),
-            views=views, model_seconds=float(z["model_seconds"]), clip_seconds=float(z["clip_seconds"]))
+            views=views, model_seconds=float(z["model_seconds"]), clip_seconds=float(z["clip_seconds"]),
+            class_probs=z["class_probs"] if "class_probs" in z.files else None)
         return o, str(z["key"])
 
 

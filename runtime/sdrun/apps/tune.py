@@ -40,7 +40,7 @@ from ..pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
 from ..stages import heatmap
 from ..stages.fusion import iou_matrix
 from ..stages.matching import clip_similarity, linear_sum_assignment
-from .score import Sets, score_sets
+from .score import Sets, row_f1, score_sets
 
 SWEPT = ("det_thr", "iou_thr", "alpha", "heat_lambda", "heat_th")
 DEFAULT_GRID = {
@@ -252,10 +252,11 @@ class Choice:
     val: float | None
     train_cols: list[float] = field(default_factory=list)
     val_cols: list[float] | None = None
+    extra: dict = field(default_factory=dict)  # the per-class heads' parameters, when tuned
 
     def params(self) -> dict:
         return {**self.config, "none_gate_signal": self.signal,
-                **{f"none_gate_{c}": self.gates[c] for c in COLUMNS}}
+                **{f"none_gate_{c}": self.gates[c] for c in COLUMNS}, **self.extra}
 
     @property
     def n_gates(self) -> int:
@@ -300,6 +301,73 @@ def choose(sw: Sweep, train_ids: Sequence[str], val_ids: Sequence[str], grid: Ma
 
     choices.sort(key=lambda ch: (-round(ch.train, 12), ch.n_gates, distance(ch)))
     return choices
+
+
+# ---- per-class change heads ------------------------------------------------------------
+HEAD_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+HEAD_MODES = ("off", "detectors", "heads")  # no heads; heads confirm detector labels; heads alone
+
+
+@dataclass
+class HeadChoice:
+    """How the label sets use the per-class heads: `mode` and a probability threshold per column."""
+
+    mode: str
+    thresholds: dict[str, float | None]
+    train: float
+    val: float | None
+
+    def params(self) -> dict:
+        return {"class_mode": "heads" if self.mode == "heads" else "detectors",
+                **{f"class_thr_{c}": (None if self.mode == "off" else self.thresholds[c]) for c in COLUMNS}}
+
+
+def head_sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str, Sets],
+               base: Mapping, train: Sequence[str], val: Sequence[str]) -> list[HeadChoice]:
+    """For the detector parameters `base`: the metric with the heads off, with a per-column
+    head threshold a detector label must also reach, and with the heads alone naming the
+    labels; each mode's thresholds chosen per column on `train`. Best on train first."""
+    from ..pipeline import gate_signal, gated
+
+    off = {**base, "class_mode": "detectors", **{f"class_thr_{c}": None for c in COLUMNS}}
+    index = {w: j for j, w in enumerate(pipe.labels)}
+    rows = {}
+    for i in [*train, *val]:
+        o = outputs[i]
+        r = pipe.finish(o, off)
+        p = {**pipe.effective_params, **off}
+        shut = [gated(p.get(f"none_gate_{c}"), gate_signal(p, r.change_score, r.change_logit))
+                for c in COLUMNS]
+        rows[i] = (r, o.class_probs, shut)
+
+    def column_f1(ids, mode, k, t) -> float:
+        if not ids:
+            return 0.0
+        total = 0.0
+        for i in ids:
+            r, probs, shut = rows[i]
+            words = getattr(r, COLUMNS[k])
+            if mode == "detectors" and t is not None:
+                words = [w for w in words if probs[k][index[w]] >= t]
+            elif mode == "heads":
+                words = [] if shut[k] else [pipe.labels[j] for j in np.flatnonzero(probs[k] >= t)]
+            total += row_f1(frozenset(normalize_label(w) for w in words), truth[i][k])
+        return total / len(ids)
+
+    out = []
+    for mode in HEAD_MODES:
+        candidates = [None] if mode == "off" else ([None, *HEAD_THRESHOLDS] if mode == "detectors"
+                                                   else list(HEAD_THRESHOLDS))
+        thresholds, tr_cols, va_cols = {}, [], []
+        for k, c in enumerate(COLUMNS):
+            scored = [(column_f1(train, mode, k, t), t) for t in candidates]
+            best_f1, best_t = max(scored, key=lambda st: (round(st[0], 12), -(st[1] or 0.0)))
+            thresholds[c] = best_t
+            tr_cols.append(best_f1)
+            va_cols.append(column_f1(val, mode, k, best_t) if val else None)
+        out.append(HeadChoice(mode, thresholds, sum(tr_cols) / 3,
+                              sum(va_cols) / 3 if val else None))
+    return sorted(out, key=lambda h: (-round(h.train, 12), HEAD_MODES.index(h.mode)))
 
 
 # ---- exact evaluation through Pipeline.finish ---------------------------------------
@@ -377,6 +445,7 @@ class TuneSummary:
     candidates: int  # candidate boxes (both images, all pairs): what the cache embeds
     kept: int  # boxes the current parameters keep: what `sdrun run` embeds
     errors: dict[str, str]
+    heads: list[HeadChoice] | None = None  # per-class heads: each mode, best on train first
     verdict: str = ""
     written: Path | None = None
 
@@ -413,6 +482,10 @@ def run_tune(pipe: Pipeline, labelled, val_frac: float = 0.2, seed: int = 0, gri
                **{k: pipe.effective_params.get(k) for k in ("none_gate_signal", *GATE_KEYS)}}
     choices = choose(sw, train, val, grid, current)
     best = choices[0]
+    heads = None
+    if all(o.class_probs is not None for o in outputs.values()):
+        heads = head_sweep(pipe, outputs, labelled.truth, best.params(), train, val)
+        best.extra = heads[0].params()
     cur_tr = finish_score(pipe, outputs, labelled.truth, train).mean
     cur_va = finish_score(pipe, outputs, labelled.truth, val).mean if val else None
     best_tr = finish_score(pipe, outputs, labelled.truth, train, best.params()).mean
@@ -431,7 +504,7 @@ def run_tune(pipe: Pipeline, labelled, val_frac: float = 0.2, seed: int = 0, gri
         best_train_exact=best_tr, best_val_exact=best_va, sweep_seconds=sw.seconds,
         prep_seconds=sw.prep_seconds, fill_seconds=fill.fill_seconds, computed=fill.computed,
         model_seconds=fill.model_seconds, clip_seconds=fill.clip_seconds, candidates=cands, kept=kept,
-        errors=fill.errors)
+        errors=fill.errors, heads=heads)
 
 
 def write_choice(bundle_root: str | Path, choice: Choice) -> Path:

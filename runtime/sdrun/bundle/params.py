@@ -26,7 +26,8 @@ class ParamError(SpotdiffError):
 @dataclass(frozen=True)
 class Spec:
     kind: str  # "unit": a number in [0, 1]; "nonneg": a number >= 0; "gate": null or a
-    #            number; "signal": one of GATE_SIGNALS
+    #            number; "unit_or_null": null or a number in [0, 1]; "signal": one of
+    #            GATE_SIGNALS; "mode": one of CLASS_MODES
     meaning: str
 
 
@@ -46,10 +47,19 @@ MODEL_PARAMS = {  # every bundle's params.json has these (sdexport's defaults)
 # `none_gate_<column>` is a threshold on the pair's `none_gate_signal`: below it, that
 # column says nothing. None is off, so these defaults change no result.
 POST_DEFAULTS: dict[str, Any] = {"none_gate_signal": "change_score", "none_gate_added": None,
-                                 "none_gate_removed": None, "none_gate_changed": None}
+                                 "none_gate_removed": None, "none_gate_changed": None,
+                                 # per-class change heads (bundles whose Siamese graph has them)
+                                 "class_mode": "detectors", "class_thr_added": None,
+                                 "class_thr_removed": None, "class_thr_changed": None}
+CLASS_MODES = ("detectors", "heads")
 POST_PARAMS = {
     "none_gate_signal": Spec("signal", "what the 'none' gates compare with"),
     **{f"none_gate_{c}": Spec("gate", f"below this signal, '{c}' says none (null: off)")
+       for c in COLUMNS},
+    "class_mode": Spec("mode", "detectors: the heads only confirm the detectors' labels; heads: "
+                               "the heads alone name them"),
+    **{f"class_thr_{c}": Spec("unit_or_null", f"a label in '{c}' needs this per-class head "
+                                              "probability (null: detectors mode keeps all, heads mode 0.5)")
        for c in COLUMNS},
 }
 PARAMS: dict[str, Spec] = {**MODEL_PARAMS, **POST_PARAMS}
@@ -74,17 +84,22 @@ def check_value(key: str, value: Any, source: str) -> Any:
         if value not in GATE_SIGNALS:
             raise ParamError(f"{where}: none_gate_signal is one of {', '.join(GATE_SIGNALS)}")
         return value
-    if value is None and spec.kind == "gate":
+    if spec.kind == "mode":
+        if value not in CLASS_MODES:
+            raise ParamError(f"{where}: class_mode is one of {', '.join(CLASS_MODES)}")
+        return value
+    if value is None and spec.kind in ("gate", "unit_or_null"):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "null" if value is None else type(value).__name__
-        want = "a number or null (off)" if spec.kind == "gate" else "a number"
+        want = "a number or null (off)" if spec.kind in ("gate", "unit_or_null") else "a number"
         raise ParamError(f"{where}: expected {want}, got {kind}")
     value = float(value)
     if not math.isfinite(value):
-        off = "; write null (or --param KEY=off) to turn a gate off" if spec.kind == "gate" else ""
+        off = ("; write null (or --param KEY=off) to turn it off"
+               if spec.kind in ("gate", "unit_or_null") else "")
         raise ParamError(f"{where}: must be a finite number{off}")
-    if spec.kind == "unit" and not 0.0 <= value <= 1.0:
+    if spec.kind in ("unit", "unit_or_null") and not 0.0 <= value <= 1.0:
         raise ParamError(f"{where}: must lie in [0, 1] ({spec.meaning})")
     if spec.kind == "nonneg" and value < 0.0:
         raise ParamError(f"{where}: must be >= 0 ({spec.meaning})")
@@ -124,9 +139,9 @@ def parse_overrides(items: Sequence[str], source: str = "--param") -> dict[str, 
         spec = PARAMS.get(key)
         if spec is None:
             raise ParamError(f"{source} {item!r}: unknown parameter {key!r}; known: {', '.join(PARAMS)}")
-        if spec.kind == "signal":
+        if spec.kind in ("signal", "mode"):
             value: Any = text
-        elif spec.kind == "gate" and text.lower() in OFF_WORDS:
+        elif spec.kind in ("gate", "unit_or_null") and text.lower() in OFF_WORDS:
             value = None
         else:
             try:

@@ -213,7 +213,17 @@ def register(group) -> None:
         click.echo(f"{'all none':26} {s.none_train:7.4f} {val(s.none_val):>7}")
         click.echo(f"{'current parameters':26} {s.current_train:7.4f} {val(s.current_val):>7}")
         click.echo(f"{'tuned (best on train)':26} {s.best_train_exact:7.4f} {val(s.best_val_exact):>7}")
-        if abs(s.best_train_exact - s.best.train) > 1e-9:
+        if s.heads:
+            click.echo("\nper-class change heads, on the tuned detector parameters (thresholds "
+                       "chosen per column on train):")
+            names = {"off": "heads off", "detectors": "heads confirm detectors", "heads": "heads alone"}
+            for h in s.heads:
+                thr = ", ".join(f"{c} {'-' if t is None else t}" for c, t in h.thresholds.items())
+                click.echo(f"  {names[h.mode]:24} {h.train:7.4f} {val(h.val):>7}   ({thr})")
+            best_val = max((h for h in s.heads if h.val is not None), key=lambda h: h.val, default=None)
+            click.echo(f"  on train: {names[s.heads[0].mode]} (kept); on validation: "
+                       f"{names[best_val.mode] if best_val else '-'}")
+        if (not s.heads or s.heads[0].mode == "off") and abs(s.best_train_exact - s.best.train) > 1e-9:
             _warn(f"warning: the sweep scored the winner {s.best.train:.6f} but Pipeline.finish "
                   f"{s.best_train_exact:.6f} on the training pairs: please report this")
         per = s.n_configs * n_pairs
@@ -261,6 +271,8 @@ def register(group) -> None:
                 "all_none": {"train": s.none_train, "val": s.none_val},
                 "best": {"params": params, "train": s.best_train_exact, "val": s.best_val_exact},
                 "written": write, "verdict": verdict,
+                "class_heads": [{"mode": h.mode, "thresholds": h.thresholds, "train": h.train, "val": h.val}
+                                for h in s.heads] if s.heads else None,
                 "seconds": {"sweep": s.sweep_seconds, "prepare": s.prep_seconds, "models": s.model_seconds,
                             "clip": s.clip_seconds, "fill_now": s.fill_seconds},
                 "configurations": [{**{k: ch.config[k] for k in SWEPT}, "gates": ch.gates,

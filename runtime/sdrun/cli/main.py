@@ -109,6 +109,9 @@ def info(bundle, as_json):
                            f"tolerance rel_l2 {ge.get('tolerance', {}).get('rel_l2')}")
         if "prompt" in e:
             click.echo(f"  prompt     {e['prompt']!r}")
+        if "class_heads" in e:
+            click.echo(f"  class heads: {e['class_heads']['labels']} labels x "
+                       f"{'/'.join(e['class_heads']['columns'])} (class_probs in each pair's details)")
         if "preprocess" in e:
             click.echo(f"  preprocess {json.dumps(e['preprocess'])}")
     for key, eng in m.get("engines", {}).items():
