@@ -44,9 +44,38 @@ def render_pair(a: np.ndarray, b: np.ndarray, result, heat_alpha: float = HEAT_A
     canvas = np.concatenate([padded[0], gap, padded[1]], axis=1)
     caption = (f"added: {' '.join(result.added) or 'none'} | removed: {' '.join(result.removed) or 'none'}"
                f" | changed: {' '.join(result.changed) or 'none'} | change {result.change_score:.2f}")
-    bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, caption[:200], (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    lines = wrap_text(caption, canvas.shape[1] - 8)
+    bar = np.full((8 + 14 * len(lines), canvas.shape[1], 3), 255, np.uint8)
+    for k, line in enumerate(lines):
+        cv2.putText(bar, line, (4, 15 + 14 * k), FONT, FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([canvas, bar], axis=0)
+
+
+FONT, FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+
+
+def text_width(text: str) -> int:
+    return cv2.getTextSize(text, FONT, FONT_SCALE, 1)[0][0]
+
+
+def wrap_text(text: str, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels (broken at spaces; a single word wider
+    than that is cut)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}" if line else word
+        if text_width(trial) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+        while text_width(line) > width and len(line) > 1:  # one word wider than the picture
+            cut = len(line)
+            while cut > 1 and text_width(line[:cut]) > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    return lines + ([line] if line else [])
 
 
 def save_pair_viz(path: str | Path, a, b, result) -> Path:

@@ -278,6 +278,49 @@ def synth(out, n_pairs, seed, size, overwrite):
     click.echo(f"{n_pairs} pairs -> {labels.parent / 'data'}, labels in {labels}")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch-pairs", default=8, show_default=True, type=click.IntRange(1),
+              help="Most requests run together in one model batch.")
+@click.option("--max-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
+              help="How long the first request of a batch waits for others.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
+              help="Requests that may wait; beyond it the service answers 503 with Retry-After.")
+@click.option("--max-bytes", default=32 * 2**20, show_default=True, type=click.IntRange(1),
+              help="Largest request body; bigger is 413.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@PROVIDER
+@THREADS
+def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes, log_level,
+          provider, threads):
+    """Serve BUNDLE over HTTP: POST /v1/diff with two images, batched across callers.
+
+    \b
+      curl -F image_a=@a.png -F image_b=@b.png http://127.0.0.1:8000/v1/diff
+      curl -F image_a=@a.png -F image_b=@b.png -F 'params={"det_thr": 0.3}' ...
+      curl -o diff.png -F image_a=@a.png -F image_b=@b.png '.../v1/diff?viz=1'
+
+    Also GET /healthz, /readyz (503 until the bundle is loaded and warmed), /metrics
+    (Prometheus) and /v1/info. SIGTERM or Ctrl-C: stop accepting, finish the queue, exit.
+    Needs the `serve` extra: pip install 'spotdiff[serve]'.
+    """
+    from ..bundle.bundle import Bundle
+
+    Bundle.load(bundle)  # a broken bundle is an error here, not a server that never gets ready
+    try:
+        from ..apps.serve import ServeConfig, serve as run_server
+    except ImportError as e:
+        raise click.UsageError(f"sdrun serve needs the serve extra ({e.name} is missing): "
+                               "pip install 'spotdiff[serve]'") from None
+    run_server(ServeConfig(bundle=bundle, provider=provider, threads=threads,
+                           max_batch_pairs=max_batch_pairs, max_wait_ms=max_wait_ms,
+                           max_queue=max_queue, max_bytes=max_bytes), host=host, port=port,
+               log_level=log_level)
+
+
 eval_commands.register(main)  # score, eval, tune
 
 if __name__ == "__main__":

@@ -44,20 +44,27 @@ class ImageError(SpotdiffError):
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """The image at `path` as uint8 RGB (H, W, 3). Raises ImageError naming the file."""
     path = Path(path)
-    data = _read_bytes(path)
-    _check_complete(path, data)
+    return decode_image(_read_bytes(path), str(path))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) as uint8 RGB (H, W, 3). Raises ImageError
+    starting with `name` (a file, or a form field of a request)."""
+    if not data:
+        raise ImageError(f"{name}: is empty (0 bytes), not an image")
+    _check_complete(name, data)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:  # e.g. an image over OpenCV's pixel limit
         reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        raise ImageError(f"{path}: cannot be decoded ({reason})") from None
+        raise ImageError(f"{name}: cannot be decoded ({reason})") from None
     if img is None:
-        raise ImageError(f"{path}: not an image OpenCV can read ({_describe(data)}, "
+        raise ImageError(f"{name}: not an image OpenCV can read ({_describe(data)}, "
                          f"{len(data)} bytes), or a damaged one")
     try:
         return _to_rgb(img, bgr=True)
     except ValueError as e:
-        raise ImageError(f"{path}: {e}") from None
+        raise ImageError(f"{name}: {e}") from None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -83,7 +90,7 @@ def _describe(data: bytes) -> str:
     return f"it starts with bytes {head[:8].hex(' ')}"
 
 
-def _check_complete(path: Path, data: bytes) -> None:
+def _check_complete(path, data: bytes) -> None:
     if data.startswith(PNG_SIGNATURE):
         problem = _png_problem(data)
     elif data.startswith(JPEG_SIGNATURE):

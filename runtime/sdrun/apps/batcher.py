@@ -1,0 +1,179 @@
+"""Batching pairs across callers for asyncio services: `await batcher.diff(a, b)`.
+
+Requests wait in a bounded queue; one task takes up to `max_batch_pairs` of them, or what
+came within `max_wait_ms` of the first, and runs them as one batch in a worker thread (one
+call per model for all of them), then answers each caller. A full queue is `QueueFull`
+at once (a server answers 503), never an unbounded wait. A pair that fails gets its own
+exception; the others in its batch are answered as usual.
+
+    batcher = Batcher(Pipeline.load("engines/tiny").open_sessions())
+    await batcher.start()
+    result = await batcher.diff(image_a, image_b, params={"det_thr": 0.3})
+    await batcher.stop()      # finishes what is queued
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..bundle.params import MODEL_PARAMS, POST_PARAMS, ParamError, validate
+from ..errors import SpotdiffError
+from ..pipeline import PairResult, Pipeline
+
+# post-model parameters that change which boxes are kept, so which ones CLIP must embed
+KEEP_PARAMS = ("det_thr", "heat_lambda", "heat_th")
+REQUEST_PARAMS = tuple(k for k in POST_PARAMS) + ("det_thr", "iou_thr", "alpha", "heat_lambda", "heat_th")
+
+
+class QueueFull(SpotdiffError):
+    """The batcher's queue is full: try again later."""
+
+
+class BatcherStopped(SpotdiffError):
+    """The batcher does not take requests (not started, or stopping)."""
+
+
+def request_params(params, source: str = "params") -> dict:
+    """Per-request overrides, checked: post-model parameters only (a detector threshold
+    would change the model phase of the whole batch)."""
+    if params is None:
+        return {}
+    checked = validate(params, source)
+    model_phase = [k for k in checked if k in MODEL_PARAMS and k not in REQUEST_PARAMS]
+    if model_phase:
+        raise ParamError(f"{source}: {', '.join(model_phase)} act before the models' answers are "
+                         "shared by a batch; only these can be set per request: "
+                         f"{', '.join(REQUEST_PARAMS)}")
+    return checked
+
+
+@dataclass
+class _Request:
+    a: np.ndarray
+    b: np.ndarray
+    params: dict
+    pair_id: str | None
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchTiming:
+    queue_ms: float  # waiting for a batch to start
+    batch_ms: float  # the whole batch, models and after
+    batch_pairs: int
+
+
+class Batcher:
+    def __init__(self, pipe: Pipeline, max_batch_pairs: int = 8, max_wait_ms: float = 10.0,
+                 max_queue: int = 64, on_batch: Callable[[int, float], None] | None = None):
+        if max_batch_pairs < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_pairs and max_queue must be >= 1, max_wait_ms >= 0")
+        self.pipe = pipe
+        self.max_batch_pairs, self.max_wait = max_batch_pairs, max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_batch = on_batch  # called with (pairs, seconds) after each batch
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._task: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sdrun-batch")
+        self._accepting = False
+        self.batches = 0
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue(self.max_queue)
+        self._accepting = True
+        self._task = asyncio.create_task(self._loop(), name="sdrun-batcher")
+
+    async def stop(self) -> None:
+        """Take no more requests, answer every queued one, then end."""
+        self._accepting = False
+        if self._task is not None:
+            await self._queue.put(None)  # type: ignore[arg-type]  (the end marker)
+            await self._task
+            self._task = None
+        self._pool.shutdown(wait=True)
+
+    async def diff(self, a: np.ndarray, b: np.ndarray, params: dict | None = None,
+                   pair_id: str | None = None) -> tuple[PairResult, BatchTiming]:
+        """The result for one pair (RGB arrays), batched with other callers' pairs."""
+        if not self._accepting or self._queue is None:
+            raise BatcherStopped("the batcher is not running")
+        req = _Request(a, b, request_params(params), pair_id, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(req)
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self.max_queue} requests are waiting already") from None
+        return await req.future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        ending = False
+        while not ending:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch_pairs:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                if item is None:
+                    ending = True
+                    break
+                batch.append(item)
+            started = time.perf_counter()
+            answers = await loop.run_in_executor(self._pool, self._run, batch)
+            seconds = time.perf_counter() - started
+            self.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(len(batch), seconds)
+            for req, answer in zip(batch, answers):
+                if req.future.done():  # the caller went away
+                    continue
+                if isinstance(answer, BaseException):
+                    req.future.set_exception(answer)
+                else:
+                    timing = BatchTiming(1000 * (started - req.queued), 1000 * seconds, len(batch))
+                    req.future.set_result((answer, timing))
+
+    def _run(self, batch: list[_Request]) -> list:
+        """Every pair's result (or exception): one model call for the batch, then each
+        pair's own parameters; a batch that fails as a whole is run pair by pair."""
+        embed = "all" if any(k in r.params for r in batch for k in KEEP_PARAMS) else "kept"
+        try:
+            outputs = self.pipe.model_outputs([(r.pair_id, r.a, r.b) for r in batch], embed=embed)
+        except Exception:  # noqa: BLE001 - find the pair that breaks it
+            return [self._run_one(r) for r in batch]
+        answers: list = []
+        for r, o in zip(batch, outputs):
+            try:
+                answers.append(self.pipe.finish(o, r.params or None))
+            except Exception as e:  # noqa: BLE001
+                answers.append(e)
+        return answers
+
+    def _run_one(self, r: _Request):
+        try:
+            embed = "all" if any(k in r.params for k in KEEP_PARAMS) else "kept"
+            return self.pipe.finish(self.pipe.model_outputs([(r.pair_id, r.a, r.b)], embed=embed)[0],
+                                    r.params or None)
+        except Exception as e:  # noqa: BLE001
+            return e
