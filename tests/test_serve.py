@@ -213,3 +213,47 @@ def test_real_server_on_a_socket_without_torch(tiny_bundle, pipe, pairs):
     assert rc in (0, -signal.SIGTERM), err  # uvicorn re-raises the signal after a clean shutdown
     assert "Finished server process" in err, err
     assert "blocked in this test" not in err and "Traceback" not in err, err
+
+
+def test_a_pair_that_fails_never_fails_its_batch(pipe, pairs):
+    from sdrun.apps.batcher import Batcher
+    from sdrun.stages.images import load_image
+
+    real = pipe.finish
+
+    def finish(outputs, params=None):
+        if outputs.pair_id == "bad":
+            raise RuntimeError("this pair breaks")
+        return real(outputs, params)
+
+    images = [(load_image(a), load_image(b)) for a, b in pairs[:4]]
+
+    async def main():
+        batcher = Batcher(pipe, max_batch_pairs=4, max_wait_ms=500)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.diff(a, b, pair_id="bad" if k == 1 else str(k))
+                                          for k, (a, b) in enumerate(images)), return_exceptions=True), batcher.batches
+        finally:
+            await batcher.stop()
+
+    pipe.finish = finish
+    try:
+        answers, batches = asyncio.run(main())
+    finally:
+        del pipe.finish
+    assert batches == 1
+    assert isinstance(answers[1], RuntimeError) and "this pair breaks" in str(answers[1])
+    for k in (0, 2, 3):
+        result, timing = answers[k]
+        assert timing.batch_pairs == 4
+        assert result.added == pipe.diff(*images[k]).added
+
+
+def test_the_viz_caption_wraps_inside_the_picture():
+    from sdrun.apps.viz import text_width, wrap_text
+
+    text = "added: " + " ".join(["motorcycle"] * 12) + " | removed: none | changed: a_very_long_label" * 3
+    lines = wrap_text(text, 440)
+    assert len(lines) > 1 and all(text_width(line) <= 440 for line in lines)
+    assert " ".join(lines).split() == text.split()

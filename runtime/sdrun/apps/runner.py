@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import SpotdiffError
 from ..files import atomic_write
@@ -172,11 +172,15 @@ def _lock(f, details: Path) -> None:
 def run_dataset(pipe: Pipeline, pairs: list[PairSource], out_csv: Path, details: Path,
                 batch_pairs: int = 1, resume: bool = False, viz_dir: Path | None = None,
                 progress: bool = True, warn: Callable[[str], None] | None = None,
-                force_rerun: bool = False) -> RunSummary:
+                force_rerun: bool = False, execute: "BatchExecutor | None" = None) -> RunSummary:
     """Run every pair, appending to `details` as batches finish; then write the sorted
     details and the submission atomically. `resume` keeps what `details` already holds
     (ResumeError if another bundle, other parameters or another spotdiff wrote it, unless
-    `force_rerun`, which starts over)."""
+    `force_rerun`, which starts over).
+
+    `execute` runs the batches still to do: given [(start, [PairSource, ...]), ...] it
+    yields (start, results) in any order, a result being a PairResult or its JSON dict
+    (`sdrun.apps.ray_run` runs them on a Ray cluster). Default: here, in order, with `pipe`."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     unique = [p for p in pairs if not (p.problem or "").startswith("duplicate id")]
     duplicates = [p.pair_id for p in pairs if p not in unique]
@@ -202,21 +206,22 @@ def run_dataset(pipe: Pipeline, pairs: list[PairSource], out_csv: Path, details:
         done_before = sum(p.pair_id in done for p in unique)
         bar = tqdm(total=len(unique), initial=done_before, unit="pair", disable=not progress,
                    dynamic_ncols=True, desc="pairs")
-        for start in range(0, len(unique), batch_pairs):
-            batch = unique[start:start + batch_pairs]
-            if all(p.pair_id in done for p in batch):
-                continue
-            results = _run_batch(pipe, batch)
+        by_start = {start: unique[start:start + batch_pairs] for start in range(0, len(unique), batch_pairs)}
+        todo = [(start, batch) for start, batch in by_start.items()
+                if not all(p.pair_id in done for p in batch)]
+        for start, results in (execute or local_executor(pipe))(todo):
+            batch = by_start[start]
             lines = []
             for p, r in zip(batch, results):
-                if r.error:
-                    warn(f"error: pair {p.pair_id}: {r.error}")
+                obj = r.to_json() if isinstance(r, PairResult) else r
+                if obj.get("error"):
+                    warn(f"error: pair {p.pair_id}: {obj['error']}")
                 if p.pair_id in done:
                     continue
-                line = _json_line(r.to_json())
+                line = _json_line(obj)
                 done[p.pair_id] = line
                 lines.append(line)
-                if viz_dir is not None and r.ok:
+                if viz_dir is not None and isinstance(r, PairResult) and r.ok:
                     from .viz import save_pair_viz
 
                     save_pair_viz(viz_dir / f"{p.pair_id}.png", p.a, p.b, r)
@@ -240,7 +245,20 @@ def run_dataset(pipe: Pipeline, pairs: list[PairSource], out_csv: Path, details:
     return RunSummary(len(unique), done_before, failed, duplicates)
 
 
-def _run_batch(pipe: Pipeline, batch: list[PairSource]) -> list[PairResult]:
+BatchExecutor = Callable[[list], Iterator[tuple[int, list]]]
+
+
+def local_executor(pipe: Pipeline) -> BatchExecutor:
+    """Run each batch here, in order."""
+    def execute(todo):
+        for start, batch in todo:
+            yield start, run_batch(pipe, batch)
+    return execute
+
+
+def run_batch(pipe: Pipeline, batch: list[PairSource]) -> list[PairResult]:
+    """One batch of pairs through the pipeline (one call per model); a pair that cannot
+    run (`problem`) or fails gets a result with its error."""
     runnable = [p for p in batch if not p.problem]
     results = {p.pair_id: PairResult(pair_id=p.pair_id, error=p.problem) for p in batch if p.problem}
     for p, r in zip(runnable, pipe.run([(p.pair_id, p.a, p.b) for p in runnable],

@@ -187,11 +187,19 @@ def check_run_paths(bundle, pairs, csv_path, out, details, viz_dir) -> None:
               help="With --resume: when the details file was written with other settings, "
                    "rerun every pair instead of stopping with an error.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: the batches on a Ray cluster (the ray extra), same files.")
+@click.option("--address", help="--engine ray: the cluster (auto, ray://host:10001); default: a local one.")
+@click.option("--actors", default=1, show_default=True, type=click.IntRange(1),
+              help="--engine ray: actors, each loading the bundle once.")
+@click.option("--cpus-per-actor", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="--engine ray: CPUs per actor (its onnxruntime threads).")
+@click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(0))
 @PROVIDER
 @THREADS
 @PARAM
 def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, force_rerun, quiet,
-        provider, threads, params):
+        engine, address, actors, cpus_per_actor, gpus_per_actor, provider, threads, params):
     """Run the pipeline on a folder of pairs and write a submission.
 
     A pair that cannot be read (missing, empty, truncated or non-image file) is
@@ -211,9 +219,21 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, forc
     details = Path(details) if details else out.with_suffix(".details.jsonl")
     viz = Path(viz_dir) if viz_dir else None
     check_run_paths(bundle, pairs, csv_path, out, details, viz)
-    pipe = load_pipeline(bundle, provider, threads, params).open_sessions()
+    execute = None
+    if engine == "ray":
+        if viz is not None:
+            raise click.UsageError("--viz draws in this process: not with --engine ray")
+        from ..apps.ray_run import init_ray, ray_executor
+
+        pipe = load_pipeline(bundle, provider, threads, params)  # sessions open in the actors
+        init_ray(address)
+        execute = ray_executor(bundle, pipe.params, actors=actors, cpus_per_actor=cpus_per_actor,
+                               gpus_per_actor=gpus_per_actor, provider=provider,
+                               warn=lambda m: click.echo(m, err=True))
+    else:
+        pipe = load_pipeline(bundle, provider, threads, params).open_sessions()
     summary = run_dataset(pipe, pairs, out, details, batch_pairs=batch_pairs, resume=resume,
-                          viz_dir=viz, progress=not quiet, force_rerun=force_rerun)
+                          viz_dir=viz, progress=not quiet, force_rerun=force_rerun, execute=execute)
     click.echo(f"{summary.total} pairs ({summary.done_before} done before), "
                f"{len(summary.failed)} failed -> {out}, {details}", err=True)
     if summary.failed or summary.duplicates:
