@@ -103,14 +103,16 @@ def main() -> int:
     from sdexport.train.loop import TrainConfig, train_change
     from sdexport.train.metrics import macro_f1
     from safetensors.torch import load_file
-    from sdrun.apps.synth import write_synthetic_pairs
+    from sdrun.apps.synth import CLASSES, write_synthetic_pairs
+    from sdrun.bundle.vocab import normalize_label
 
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
     train_dir, held_dir = work / "train", work / "heldout"
     write_synthetic_pairs(train_dir, args.train_pairs, seed=21)
     write_synthetic_pairs(held_dir, args.heldout_pairs, seed=22)
     cfg = TrainConfig(data=str(train_dir), csv=str(train_dir / "labels.csv"), backbone="tiny-random",
-                      heads="per-class", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+                      heads="per-class", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      vocab=sorted({normalize_label(c) for c in CLASSES}))  # every label synth draws
     t0 = time.perf_counter()
     best = train_change(cfg, work / "run", progress=False, log=lambda m: print(m, file=sys.stderr))
     train_seconds = time.perf_counter() - t0

@@ -140,3 +140,27 @@ def test_update_readme_fills_only_the_marked_block(tmp_path):
     p = subprocess.run([sys.executable, str(BENCH / "update_readme.py"), "no_such_result",
                         "--readme", str(readme)], capture_output=True, text=True)
     assert p.returncode != 0 and "no_such_result.md: missing" in p.stderr
+
+
+def test_train_change_benchmark_smoke(tmp_path):
+    pytest.importorskip("albumentations")
+    _run("train_change.py", "--train-pairs", "20", "--heldout-pairs", "12", "--epochs", "1",
+         "--batch-size", "8", "--timing-steps", "1", "--skip-vit-b", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "train_change.json").read_text())
+    assert report["heldout"]["after"]["pairs"] == 12 and report["step_seconds"]["tiny-random"] > 0
+    assert [m["epoch"] for m in report["epochs"]] == [0, 1]
+
+
+def test_serve_load_benchmark_smoke(tiny_bundle, tmp_path):
+    pytest.importorskip("fastapi")
+    _run("serve_load.py", "--bundle", str(tiny_bundle), "--pairs", "3", "--clients", "3",
+         "--requests", "6", "--out-dir", str(tmp_path), "--name", "serve")
+    report = json.loads((tmp_path / "serve.json").read_text())
+    for setting in ("served, batching", "served, no batching"):
+        assert report[setting]["sent"] == 6 and report[setting]["lost"] == 0 and report[setting]["wrong"] == 0
+
+
+def test_gridsample_benchmark_smoke(tmp_path):
+    _run("gridsample_vs_gather.py", "--repeats", "1", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "gridsample_vs_gather.json").read_text())
+    assert all(v["max_abs_diff"] < 1e-4 for v in report["levels"].values())
