@@ -87,7 +87,10 @@ async def load(url: str, bodies: list[dict], clients: int, requests: int, max_se
 def batch_sizes(url: str) -> dict:
     import httpx
 
-    text = httpx.get(f"{url}/metrics").text
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.TransportError:  # the server died (e.g. killed for memory): say so in the table
+        return {"batches": None, "mean_pairs": None, "server_gone": True}
     vals = {}
     for line in text.splitlines():
         if line.startswith("sdrun_batch_pairs_count") or line.startswith("sdrun_batch_pairs_sum"):
@@ -146,8 +149,12 @@ def main() -> int:
                                                             args.max_seconds))
             sizes = batch_sizes(url)
         finally:
-            proc.terminate()
-            proc.wait(60)
+            proc.terminate()  # graceful: the server first answers what is still queued
+            try:
+                code = proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = f"killed: still draining its queue 120 s after SIGTERM (exit {proc.wait()})"
         wrong = sum(1 for pair, a in answers
                     if any(a[c] != want[pair][c] for c in ("added", "removed", "changed"))
                     or abs(a["change_score"] - want[pair]["change_score"]) > 1e-4)
@@ -158,7 +165,7 @@ def main() -> int:
                          "throughput_rps": len(answers) / wall, "wall_s": wall,
                          "p50_ms": 1000 * float(np.percentile(lat, 50)),
                          "p95_ms": 1000 * float(np.percentile(lat, 95)),
-                         "p99_ms": 1000 * float(np.percentile(lat, 99)), **sizes}
+                         "p99_ms": 1000 * float(np.percentile(lat, 99)), "server_exit": code, **sizes}
     seq = report["sequential"]
     rows.append(["sequential Pipeline.diff (in process)", 1, n_seq, "-", "-", f"{seq['throughput_rps']:.2f}",
                  f"{seq['p50_ms']:.0f}", f"{seq['p95_ms']:.0f}", f"{seq['p99_ms']:.0f}", "-"])
