@@ -149,9 +149,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
 
     per_class = cfg.heads == "per-class"
     rows, vocab = read_rows(cfg.data, cfg.csv, cfg.vocab if per_class else None, log)
-    train_rows, val_rows = split(rows, cfg.val_frac, cfg.seed)
-    if len(train_rows) < 1:
-        raise TrainError("no training pair")
+    train_rows, val_rows = split(rows, cfg.val_frac, cfg.seed)  # both non-empty, or TrainDataError
     write_split(run / "split.json", train_rows, val_rows)
     atomic_write(config_path, json.dumps({"format": FORMAT, **cfg.compared()}, indent=2) + "\n")
     if per_class:

@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ..bundle.params import ParamError
 from ..errors import SpotdiffError
 from ..stages.images import ImageError, decode_image
-from .batcher import Batcher, BatcherStopped, QueueFull, request_params
+from .batcher import Batcher, BatcherStopped, QueueFull
 
 
 @dataclass
@@ -211,12 +211,10 @@ def create_app(config: ServeConfig, pipe=None) -> FastAPI:
             if not state["ready"]:
                 raise RequestError(503, "not ready: loading the bundle")
             a, b, params = await _read_pair(request, config.max_bytes)
-            try:
-                params = request_params(params)
+            try:  # the batcher checks the params (`request_params`) before it queues the pair
+                result, timing = await state["batcher"].diff(a, b, params)
             except ParamError as e:
                 raise RequestError(422, str(e)) from None
-            try:
-                result, timing = await state["batcher"].diff(a, b, params)
             except QueueFull as e:
                 raise RequestError(503, f"busy: {e}; retry after {config.retry_after_s} s") from None
             except BatcherStopped:

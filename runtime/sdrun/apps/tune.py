@@ -331,11 +331,11 @@ def head_sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mappin
 
     off = {**base, "class_mode": "detectors", **{f"class_thr_{c}": None for c in COLUMNS}}
     index = {w: j for j, w in enumerate(pipe.labels)}
+    p = {**pipe.effective_params, **off}
     rows = {}
     for i in [*train, *val]:
         o = outputs[i]
         r = pipe.finish(o, off)
-        p = {**pipe.effective_params, **off}
         shut = [gated(p.get(f"none_gate_{c}"), gate_signal(p, r.change_score, r.change_logit))
                 for c in COLUMNS]
         rows[i] = (r, o.class_probs, shut)
