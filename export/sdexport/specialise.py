@@ -1,0 +1,213 @@
+"""Specialise an ONNX graph to fixed values of some of its inputs, with onnx tooling only.
+
+Grounding DINO's prompt is fixed per bundle, so everything computed from the prompt's
+token ids alone (BERT, its projection, the text masks and position ids: 440 MB of weights
+at full size) is the same on every call. `specialise` cuts the generic graph in two:
+
+- the *text graph*: the prompt inputs -> every prompt-only tensor the rest consumes (the
+  "boundary"), batch 1;
+- the *specialised graph*: the rest, with each boundary tensor an initializer (its value
+  for the prompt), broadcast to the call's batch where it has a batch axis.
+
+`respecialise` puts another prompt's values in (a new vocabulary: run the text graph on its
+ids, replace the initializers), so a bundle never needs PyTorch to change its prompt. The
+boundary tensors keep their names and shapes stay symbolic along the token axis, so the
+consumers are untouched. Everything here is numpy, onnx and onnxruntime.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_SUFFIX = "__prompt"  # initializer of a boundary tensor's value: "<tensor>__prompt"
+BATCH_SOURCE = "pixel_values"  # the input whose first axis is the call's batch
+
+
+class SpecialiseError(ValueError):
+    pass
+
+
+def prompt_only_nodes(graph, inputs: set[str]) -> tuple[list, set[str]]:
+    """Nodes (in graph order) computed from `inputs` and constants alone, at least one input
+    among `inputs`; and the tensors they produce. Nodes with subgraphs are left alone."""
+    constant = {t.name for t in graph.initializer} | {""}
+    derived = set(inputs)
+    nodes = []
+    for node in graph.node:
+        if any(a.type in (5, 10) for a in node.attribute):  # GRAPH / GRAPHS
+            continue
+        ins = set(node.input)
+        if not node.input:
+            constant.update(node.output)  # Constant
+        elif ins <= constant:
+            constant.update(node.output)
+        elif ins <= constant | derived:
+            derived.update(node.output)
+            nodes.append(node)
+    return nodes, derived
+
+
+def boundary_tensors(graph, inputs: set[str]) -> list[str]:
+    """The prompt-only tensors that other nodes or the graph's outputs consume."""
+    nodes, derived = prompt_only_nodes(graph, inputs)
+    inside = {id(n) for n in nodes}
+    wanted = []
+    for node in graph.node:
+        if id(node) in inside:
+            continue
+        wanted += [t for t in node.input if t in derived]
+    wanted += [o.name for o in graph.output if o.name in derived]
+    return list(dict.fromkeys(wanted))
+
+
+def _run(model_proto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    s = ort.InferenceSession(model_proto.SerializeToString(), sess_options=opts,
+                             providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    return dict(zip(names, s.run(names, {i.name: feeds[i.name] for i in s.get_inputs()})))
+
+
+def text_graph(model, inputs: list[str], boundary: list[str]):
+    """The sub-graph from `inputs` to `boundary` (onnx.utils.Extractor)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(model)
+    extractor = onnx.utils.Extractor(model)
+    sub = extractor.extract_model(inputs, boundary)
+    sub.graph.name = "prompt"
+    return sub
+
+
+def batch_axes(text_model, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """Boundary values at batch 1 and each one's batch axis (None: the same for every
+    batch), found by running the text graph at batch 1 and batch 2."""
+    one = _run(text_model, {k: v[:1] for k, v in feeds.items()})
+    two = _run(text_model, {k: np.concatenate([v[:1], v[:1]]) for k, v in feeds.items()})
+    axes = {}
+    for name, a in one.items():
+        b = two[name]
+        differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        if a.ndim != b.ndim or len(differ) > 1 or (differ and (a.shape[differ[0]], b.shape[differ[0]]) != (1, 2)):
+            raise SpecialiseError(f"{name}: shape {a.shape} at batch 1 but {b.shape} at batch 2")
+        if not differ and not np.array_equal(a, b):
+            # e.g. a shape tensor holding the batch size: it cannot be frozen
+            raise SpecialiseError(f"{name}: its value depends on the batch size")
+        if differ:
+            axis = differ[0]
+            if not np.array_equal(np.concatenate([a, a], axis=axis), b):
+                raise SpecialiseError(f"{name}: batch items differ for one prompt")
+        axes[name] = differ[0] if differ else None
+    return one, axes
+
+
+def specialise(model_path: str | Path, out_path: str | Path, text_path: str | Path,
+               feeds: dict[str, np.ndarray]) -> dict:
+    """Write the graph at `model_path` specialised to the prompt `feeds` (batch-1 arrays for
+    every prompt input) to `out_path`, and its text graph to `text_path`. Returns what was
+    done: the boundary tensors with their batch axes, the nodes and bytes removed."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    inputs = list(feeds)
+    missing = set(inputs) - {i.name for i in graph.input}
+    if missing:
+        raise SpecialiseError(f"{model_path}: no input(s) {', '.join(sorted(missing))}")
+    if BATCH_SOURCE not in {i.name for i in graph.input}:
+        raise SpecialiseError(f"{model_path}: no {BATCH_SOURCE} input to take the batch from")
+    boundary = boundary_tensors(graph, set(inputs))
+    text = text_graph(model, inputs, boundary)
+    values, axes = batch_axes(text, feeds)
+    onnx.save(text, str(text_path))
+
+    nodes, _ = prompt_only_nodes(graph, set(inputs))
+    removed = {id(n) for n in nodes}
+    kept = _live([n for n in graph.node if id(n) not in removed], graph)
+    used = {t for n in kept for t in n.input} | {o.name for o in graph.output}
+    before = sum(t.ByteSize() for t in graph.initializer)
+    initializers = [t for t in graph.initializer if t.name in used]
+    head = _batch_nodes() if any(a is not None for a in axes.values()) else []
+    for name in boundary:
+        value = values[name]
+        if axes[name] is None:
+            initializers.append(onnx.numpy_helper.from_array(value, name))
+            continue
+        initializers.append(onnx.numpy_helper.from_array(value, name + PROMPT_SUFFIX))
+        head += _broadcast_nodes(name, value.ndim, axes[name])
+    del graph.node[:]
+    graph.node.extend(head + kept)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    kept_inputs = [i for i in graph.input if i.name not in feeds]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    del graph.value_info[:]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+    return {"inputs_folded": inputs, "boundary": {n: axes[n] for n in boundary},
+            "nodes_removed": len(nodes), "weights_bytes_removed":
+                before - sum(t.ByteSize() for t in initializers)}
+
+
+def _live(nodes: list, graph) -> list:
+    """`nodes` without those whose outputs nothing uses (constants only the prompt needed)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {t for n in nodes for t in n.input} | outputs
+        live = [n for n in nodes if any(o in used for o in n.output)]
+        if len(live) == len(nodes):
+            return nodes
+        nodes = live
+
+
+def _batch_nodes() -> list:
+    """batch = Shape(pixel_values)[0:1], a 1-element int64 tensor."""
+    from onnx import helper, numpy_helper
+
+    def const(name, arr):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name))
+
+    return [
+        helper.make_node("Shape", [BATCH_SOURCE], ["prompt__input_shape"], end=1),
+        const("prompt__one", np.ones(1, np.int64)),
+    ]
+
+
+def _broadcast_nodes(name: str, ndim: int, axis: int) -> list:
+    """`name` = Expand(name__prompt, [1, .., batch, .., 1]) (batch at `axis`)."""
+    from onnx import helper
+
+    parts = ["prompt__one"] * ndim
+    parts[axis] = "prompt__input_shape"
+    return [
+        helper.make_node("Concat", parts, [name + "__shape"], axis=0),
+        helper.make_node("Expand", [name + PROMPT_SUFFIX, name + "__shape"], [name]),
+    ]
+
+
+def respecialise(model_path: str | Path, text_path: str | Path, out_path: str | Path,
+                 feeds: dict[str, np.ndarray]) -> dict:
+    """A specialised graph for another prompt: the text graph's values for `feeds` replace
+    the prompt initializers of the graph at `model_path`. Returns the boundary shapes."""
+    import onnx
+
+    text = onnx.load(str(text_path))
+    values, _ = batch_axes(text, feeds)
+    model = onnx.load(str(model_path))
+    by_name = {t.name: t for t in model.graph.initializer}
+    shapes = {}
+    for name, value in values.items():
+        key = name + PROMPT_SUFFIX if name + PROMPT_SUFFIX in by_name else name
+        if key not in by_name:
+            raise SpecialiseError(f"{model_path}: no prompt initializer for {name}; "
+                                  f"was it specialised with {text_path}?")
+        by_name[key].CopyFrom(onnx.numpy_helper.from_array(value, key))
+        shapes[name] = list(value.shape)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+    return shapes
