@@ -65,15 +65,42 @@ def test_phrase_mask_rewrite_matches_hf():
         assert torch.equal(mask, want_mask) and torch.equal(pos, want_pos), ids
 
 
+@pytest.mark.parametrize("batch,heads,points", [(1, 8, 4), (2, 2, 3)])
+def test_level_weighted_sampling_matches_hf(batch, heads, points):
+    """The export's deformable sampling gives HF's outputs (float32 rounding apart), with
+    sampling points inside and outside the feature maps."""
+    shapes = [(20, 24), (10, 12), (5, 6), (3, 3)]
+    hidden, queries = 16, 37
+    gen = torch.Generator().manual_seed(batch * 100 + heads)
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, hidden, generator=gen)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen) * 1.2 - 0.1
+    weights = torch.softmax(torch.randn(batch, queries, heads, len(shapes) * points,
+                                        generator=gen), -1)
+    weights = weights.view(batch, queries, heads, len(shapes), points)
+    spatial = torch.tensor(shapes)
+    start = torch.cat([spatial.new_zeros(1), spatial.prod(1).cumsum(0)[:-1]])
+    args = (value, spatial, shapes, start, locations, weights, 64)
+    module = hf.MultiScaleDeformableAttention()
+    want = module(*args)
+    with gdino.patched_deformable_sampling():
+        got = module(*args)
+    assert got.shape == want.shape == (batch, queries, heads * hidden)
+    rel = (torch.linalg.norm(got - want) / torch.linalg.norm(want)).item()
+    assert rel < 1e-6, rel
+
+
 def test_export_patches_are_restored(built):
     from torch.onnx._internal.torchscript_exporter import registration
 
     original = hf.generate_masks_with_special_tokens_and_transfer_map
+    sampling = hf.MultiScaleDeformableAttention.forward
     linspace = registration.registry.get_function_group("aten::linspace")
     with gdino.export_patches(17):
         assert hf.generate_masks_with_special_tokens_and_transfer_map is gdino.phrase_masks
+        assert hf.MultiScaleDeformableAttention.forward is gdino.level_weighted_sampling
         assert linspace.get(17) is gdino._linspace_float32
     assert hf.generate_masks_with_special_tokens_and_transfer_map is original
+    assert hf.MultiScaleDeformableAttention.forward is sampling
     assert linspace.get(17) is not gdino._linspace_float32
 
 
@@ -89,32 +116,45 @@ def test_tiny_export_passes_check(built):
                        "pred_boxes": ["batch", entry["num_queries"], 4]}
 
 
-def test_graph_takes_any_batch_and_prompt_length(built):
-    """Batch 1 and 3, a shorter prompt and a padded batch of two prompts, against PyTorch."""
+def test_graph_takes_any_batch_and_another_prompt(built, tmp_path):
+    """The prompt-specialised graph at batch 1 and 3, and re-specialised to another prompt
+    at batch 2 with what the bundle holds (tokenizer.json read by `tokenizers`, the text
+    graph, onnx tooling; no transformers, no PyTorch), against PyTorch."""
     import onnxruntime as ort
+    from sdexport.specialise import respecialise
+    from tokenizers import Tokenizer
 
     root, entry, ctx = built
     model, processor = gdino.load_torch(Source("gdino", "local", str(root / "source/gdino")), ctx)
-    session = ort.InferenceSession(str(root / entry["graphs"]["model"]["file"]),
-                                   providers=["CPUExecutionProvider"])
+    graph = root / entry["graphs"]["model"]["file"]
+    assert [i["name"] for i in entry["graphs"]["model"]["inputs"]] == ["pixel_values", "pixel_mask"]
     rng = np.random.default_rng(1)
     labels = ctx.vocabulary
     full = gdino.tokenize_prompt(processor.tokenizer, labels, 256)
     short = gdino.tokenize_prompt(processor.tokenizer, labels[3:6], 256)
+    enc = Tokenizer.from_file(str(root / entry["tokenizer_file"])).encode(
+        gdino.make_prompt(labels[3:6]))
+    assert enc.ids == short["input_ids"][0].tolist()
+    assert enc.type_ids == short["token_type_ids"][0].tolist()
+    np.testing.assert_array_equal(gdino.token_label_map(enc.offsets, gdino.label_spans(labels[3:6])),
+                                  short["token_labels"])
+    other = tmp_path / "short.onnx"
+    shapes = respecialise(graph, root / entry["prompt_folding"]["text_graph"], other,
+                          {k: short[k] for k in gdino.TEXT_INPUTS})
+    assert any(short["input_ids"].shape[1] in s for s in shapes.values())
     pixels = {b: rng.standard_normal((b, 3, *SIZE), dtype=np.float32) for b in (1, 2, 3)}
-    padded = gdino.graph_inputs(pixels[2], full)
-    for name in gdino.TEXT_INPUTS:
-        padded[name][0] = 0
-        padded[name][0, :short[name].shape[1]] = short[name][0]
-    cases = [gdino.graph_inputs(pixels[1], full), gdino.graph_inputs(pixels[3], full),
-             gdino.graph_inputs(pixels[2], short), padded]
-    for feeds in cases:
+    cases = [(graph, gdino.graph_inputs(pixels[1], full)),
+             (graph, gdino.graph_inputs(pixels[3], full)),
+             (other, gdino.graph_inputs(pixels[2], short))]
+    for path, feeds in cases:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         ref = gdino.run_torch(model, feeds)
-        run = dict(zip(gdino.OUTPUT_NAMES, session.run(gdino.OUTPUT_NAMES, feeds)))
+        image_feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+        run = dict(zip(gdino.OUTPUT_NAMES, session.run(gdino.OUTPUT_NAMES, image_feeds)))
         run, _ = match_slots(run, ref, gdino.OUTPUT_NAMES)
         for name in gdino.OUTPUT_NAMES:
             _, rel, note = compare(run[name], ref[name])
-            assert rel <= 1e-5, (name, feeds["input_ids"].shape, rel, note)
+            assert rel <= 1e-5, (path.name, name, feeds["input_ids"].shape, rel, note)
 
 
 def test_token_labels_follow_label_spans(built):

@@ -87,6 +87,31 @@ def test_respecialise_puts_another_prompt_in(toy, tmp_path):
     np.testing.assert_allclose(_run(other, {"pixel_values": x})[0], want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_batch_axis_of_blocks_is_tiled(tmp_path):
+    """A prompt-only tensor laid out (batch*heads, ...) has 2 rows at batch 1 and 4 at
+    batch 2 (attention masks repeated per head): the specialised graph tiles the rows."""
+    extra = [helper.make_node("Concat", ["text4", "text4"], ["per_head"], axis=1),
+             helper.make_node("Reshape", ["per_head", "rows_shape"], ["rows"]),  # [2B, W]
+             helper.make_node("Concat", ["xw", "xw"], ["xw_per_head"], axis=1),
+             helper.make_node("Reshape", ["xw_per_head", "rows_shape"], ["xw_rows"]),
+             helper.make_node("Add", ["rows", "xw_rows"], ["z"])]
+    out_info = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["R", WIDTH])]
+    m = _graph(extra, out_info)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1, WIDTH], np.int64),
+                                                       "rows_shape"))
+    path, out = tmp_path / "generic.onnx", tmp_path / "model.onnx"
+    onnx.save(m, str(path))
+    ids = np.array([[4, 2, 2]], np.int64)
+    info = specialise(path, out, tmp_path / "text.onnx", {"ids": ids})
+    assert info["boundary"]["rows"] == 0
+    x = np.random.default_rng(3).standard_normal((3, 3)).astype(np.float32)
+    want = _run(path, {"pixel_values": x, "ids": np.repeat(ids, 3, 0)})
+    got = _run(out, {"pixel_values": x})
+    assert got[1].shape == (6, WIDTH)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
 def test_a_prompt_value_that_holds_the_batch_size_is_refused(tmp_path):
     """Shape(ids)[0] is computed from the prompt input alone but is the batch size: freezing
     it would break every other batch, so specialise stops and names the tensor."""

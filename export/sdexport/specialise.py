@@ -7,7 +7,7 @@ at full size) is the same on every call. `specialise` cuts the generic graph in 
 - the *text graph*: the prompt inputs -> every prompt-only tensor the rest consumes (the
   "boundary"), batch 1;
 - the *specialised graph*: the rest, with each boundary tensor an initializer (its value
-  for the prompt), broadcast to the call's batch where it has a batch axis.
+  for the prompt), repeated to the call's batch where it has a batch axis.
 
 `respecialise` puts another prompt's values in (a new vocabulary: run the text graph on its
 ids, replace the initializers), so a bundle never needs PyTorch to change its prompt. The
@@ -85,14 +85,17 @@ def text_graph(model, inputs: list[str], boundary: list[str]):
 
 def batch_axes(text_model, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """Boundary values at batch 1 and each one's batch axis (None: the same for every
-    batch), found by running the text graph at batch 1 and batch 2."""
+    batch), found by running the text graph at batch 1 and batch 2. A batch axis may hold
+    a block per batch item (batch*heads rows: 4 at batch 1, 8 at batch 2); the value at
+    batch 2 must be the batch-1 value repeated along it, which `Tile` then reproduces."""
     one = _run(text_model, {k: v[:1] for k, v in feeds.items()})
     two = _run(text_model, {k: np.concatenate([v[:1], v[:1]]) for k, v in feeds.items()})
     axes = {}
     for name, a in one.items():
         b = two[name]
         differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
-        if a.ndim != b.ndim or len(differ) > 1 or (differ and (a.shape[differ[0]], b.shape[differ[0]]) != (1, 2)):
+        if a.ndim != b.ndim or len(differ) > 1 or (
+                differ and b.shape[differ[0]] != 2 * a.shape[differ[0]]):
             raise SpecialiseError(f"{name}: shape {a.shape} at batch 1 but {b.shape} at batch 2")
         if not differ and not np.array_equal(a, b):
             # e.g. a shape tensor holding the batch size: it cannot be frozen
@@ -179,14 +182,14 @@ def _batch_nodes() -> list:
 
 
 def _broadcast_nodes(name: str, ndim: int, axis: int) -> list:
-    """`name` = Expand(name__prompt, [1, .., batch, .., 1]) (batch at `axis`)."""
+    """`name` = Tile(name__prompt, [1, .., batch, .., 1]) (batch at `axis`)."""
     from onnx import helper
 
     parts = ["prompt__one"] * ndim
     parts[axis] = "prompt__input_shape"
     return [
-        helper.make_node("Concat", parts, [name + "__shape"], axis=0),
-        helper.make_node("Expand", [name + PROMPT_SUFFIX, name + "__shape"], [name]),
+        helper.make_node("Concat", parts, [name + "__repeats"], axis=0),
+        helper.make_node("Tile", [name + PROMPT_SUFFIX, name + "__repeats"], [name]),
     ]
 
 

@@ -1,10 +1,12 @@
-"""Grounding DINO: the whole model (image + the prompt's token ids -> logits, boxes) as one graph.
+"""Grounding DINO: the whole model (image + the prompt -> logits, boxes) as one graph.
 
 The prompt is fixed at build time, the notebook's `'. '.join(labels)` ("l1. l2. ... ln",
 no final period); its token ids are stored with a
 token -> label map made from the labels' character spans, so the runtime never decodes
-phrases. The image size is fixed per bundle (FACTS.md: dynamic height/width export but
-give wrong answers); the batch axis is dynamic.
+phrases. The graph is then specialised to the prompt (`sdexport.specialise`): BERT and
+everything else computed from the ids alone become constants, and `gdino/text.onnx`
+recomputes them for other ids. The image size is fixed per bundle (FACTS.md: dynamic
+height/width export but give wrong answers); the batch axis is dynamic.
 """
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ from ..context import (
     to_numpy,
 )
 from ..sources import Source, SourceError
+from ..specialise import specialise
 from ..writer import BundleWriter, GoldenRecorder
 
 GRAPH_FILE = "gdino/model.onnx"
+TEXT_GRAPH_FILE = "gdino/text.onnx"
+TOKENIZER_FILE = "gdino/tokenizer.json"
 GOLDEN_FILE = "gdino/golden.npz"
 INPUT_NAMES = ["pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids"]
 OUTPUT_NAMES = ["logits", "pred_boxes"]
@@ -321,6 +326,49 @@ def patched_phrase_masks():
         mod.generate_masks_with_special_tokens_and_transfer_map = original
 
 
+def level_weighted_sampling(self, value, value_spatial_shapes, value_spatial_shapes_list,
+                            level_start_index, sampling_locations, attention_weights,
+                            im2col_step):
+    """HF's `MultiScaleDeformableAttention.forward`, laid out for onnxruntime on CPU.
+
+    HF samples each level as (batch*heads, hidden, queries, points), stacks the four levels
+    on a new second-to-last axis and sums the weighted samples over the last one: onnxruntime
+    then copies (8, 32, 13294, 4, 4) floats four at a time and reduces runs of 16 (75 ms +
+    12 ms per encoder layer on 2 cores). Here the grid is laid out points-first, so GridSample
+    returns (batch*heads, hidden, points, queries), and each level's weighted samples are
+    summed over the points axis (whole rows of queries at a time) and added up. Same
+    products, summed in another order (float32 rounding only)."""
+    batch_size, _, num_heads, hidden_dim = value.shape
+    _, num_queries, num_heads, num_levels, num_points, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in value_spatial_shapes_list], dim=1)
+    # (batch, queries, heads, levels, points, 2) -> (batch*heads, levels, points, queries, 2)
+    sampling_grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1)
+    # (batch, queries, heads, levels, points) -> (batch*heads, 1, levels, points, queries)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).flatten(0, 1).unsqueeze(1)
+    output = None
+    for level, (height, width) in enumerate(value_spatial_shapes_list):
+        value_l = (value_list[level].flatten(2).transpose(1, 2)
+                   .reshape(batch_size * num_heads, hidden_dim, height, width))
+        sampled = nn.functional.grid_sample(value_l, sampling_grids[:, level], mode="bilinear",
+                                            padding_mode="zeros", align_corners=False)
+        term = (sampled * weights[:, :, level]).sum(2)  # (batch*heads, hidden, queries)
+        output = term if output is None else output + term
+    output = output.view(batch_size, num_heads * hidden_dim, num_queries)
+    return output.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def patched_deformable_sampling():
+    from transformers.models.grounding_dino import modeling_grounding_dino as mod
+
+    original = mod.MultiScaleDeformableAttention.forward
+    mod.MultiScaleDeformableAttention.forward = level_weighted_sampling
+    try:
+        yield
+    finally:
+        mod.MultiScaleDeformableAttention.forward = original
+
+
 def _linspace_float32(g, start, end, steps, dtype, layout, device, pin_memory):
     """The built-in symbolic computes in float64 (Python-float constants) and ignores dtype;
     onnxruntime has no float64 GridSample. Same math, cast to the requested float type."""
@@ -345,8 +393,9 @@ def float32_linspace(opset: int):
 
 @contextlib.contextmanager
 def export_patches(opset: int):
-    """Everything the legacy exporter needs; the originals come back afterwards."""
-    with patched_phrase_masks(), float32_linspace(opset):
+    """Everything the legacy exporter needs, and the faster deformable sampling; the
+    originals come back afterwards."""
+    with patched_phrase_masks(), patched_deformable_sampling(), float32_linspace(opset):
         yield
 
 
@@ -455,6 +504,9 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext) -> dic
         ctx.log(f"  gdino: warning: {unknown} prompt token(s) are [UNK]")
     text_files = {f"{k}_file": writer.save_npy(f"gdino/{k}.npy", text[k])
                   for k in TEXT_INPUTS + ["token_labels"]}
+    # With the text graph, enough to put another vocabulary in without transformers/torch.
+    text_files["tokenizer_file"] = TOKENIZER_FILE
+    processor.tokenizer.backend_tokenizer.save(str(writer.path(TOKENIZER_FILE)))
 
     rng = ctx.generator(2)
     cases = {
@@ -466,13 +518,27 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext) -> dic
     with ctx.timed("gdino: golden (PyTorch)"):
         for case, feeds in cases.items():
             golden.add(case, "model", feeds, run_torch(model, feeds))
+    generic = writer.root / "gdino" / "generic.onnx"  # not kept: specialised below
     with ctx.timed("gdino: export"):
-        io = export_graph(model, cases["random"], writer.path(GRAPH_FILE), ctx.opset)
+        io = export_graph(model, cases["random"], generic, ctx.opset)
+    with ctx.timed("gdino: fold the prompt"):
+        folded = specialise(generic, writer.path(GRAPH_FILE), writer.path(TEXT_GRAPH_FILE),
+                            {k: text[k] for k in TEXT_INPUTS})
+        generic.unlink()
+    io["inputs"] = [i for i in io["inputs"] if i["name"] not in TEXT_INPUTS]
+    ctx.log(f"  gdino: prompt folded in: {folded['nodes_removed']} nodes and "
+            f"{folded['weights_bytes_removed'] / 1e6:.0f} MB of weights moved to {TEXT_GRAPH_FILE}")
 
     return {
         "source": source.describe(),
         "graphs": {"model": {"file": GRAPH_FILE, **io, "slot_outputs": OUTPUT_NAMES,
                              "slot_axis": 1}},
+        "prompt_folding": {
+            "text_graph": TEXT_GRAPH_FILE, "inputs": TEXT_INPUTS,
+            "boundary": folded["boundary"],
+            "how": ("the graph is specialised to this prompt: every tensor computed from the "
+                    "prompt's ids alone is an initializer (sdexport.specialise); the text "
+                    "graph maps other ids to new values of those tensors (respecialise)")},
         "golden_file": golden.save(writer, GOLDEN_FILE),
         "tolerance": {"rel_l2": 1e-5},
         "image_size": [height, width],
@@ -482,8 +548,9 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext) -> dic
         "num_queries": config.num_queries,
         "text_slots": ("logits[..., t] scores prompt token t (input_ids[:, t]); slots from the "
                        "prompt's length T up to max_text_len are -inf. token_labels[t] is the "
-                       "label index of token t, -1 for [CLS], [SEP] and '.'. The graph takes "
-                       "any T <= max_text_len (padded rows: attention_mask 0)"),
+                       "label index of token t, -1 for [CLS], [SEP] and '.'. The prompt is "
+                       "folded into the graph (prompt_folding); its text graph takes any "
+                       "T <= max_text_len"),
         "preprocess": preprocess_facts(processor, (height, width)),
         "box_format": "cxcywh normalised",
     }
