@@ -127,7 +127,8 @@ def test_graph_takes_any_batch_and_another_prompt(built, tmp_path):
     root, entry, ctx = built
     model, processor = gdino.load_torch(Source("gdino", "local", str(root / "source/gdino")), ctx)
     graph = root / entry["graphs"]["model"]["file"]
-    assert [i["name"] for i in entry["graphs"]["model"]["inputs"]] == ["pixel_values", "pixel_mask"]
+    assert [i["name"] for i in entry["graphs"]["model"]["inputs"]] == ["pixel_values"]
+    assert entry["prompt_folding"]["where_removed"] > 0  # the masked_fills of uniform masks
     rng = np.random.default_rng(1)
     labels = ctx.vocabulary
     full = gdino.tokenize_prompt(processor.tokenizer, labels, 256)
@@ -140,7 +141,7 @@ def test_graph_takes_any_batch_and_another_prompt(built, tmp_path):
                                   short["token_labels"])
     other = tmp_path / "short.onnx"
     shapes = respecialise(graph, root / entry["prompt_folding"]["text_graph"], other,
-                          {k: short[k] for k in gdino.TEXT_INPUTS})
+                          gdino.fixed_inputs(short, SIZE))
     assert any(short["input_ids"].shape[1] in s for s in shapes.values())
     pixels = {b: rng.standard_normal((b, 3, *SIZE), dtype=np.float32) for b in (1, 2, 3)}
     cases = [(graph, gdino.graph_inputs(pixels[1], full)),

@@ -112,14 +112,31 @@ def test_a_batch_axis_of_blocks_is_tiled(tmp_path):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
-def test_a_prompt_value_that_holds_the_batch_size_is_refused(tmp_path):
-    """Shape(ids)[0] is computed from the prompt input alone but is the batch size: freezing
-    it would break every other batch, so specialise stops and names the tensor."""
+def test_a_shape_read_that_holds_the_batch_size_stays_at_run_time(tmp_path):
+    """Shape(ids)[0] is computed from the prompt input alone but is the batch size: frozen,
+    it would break every other batch. The Shape op stays a run-time node, reading the
+    (tiled) prompt input."""
     extra = [helper.make_node("Shape", ["ids"], ["n_batch"], start=0, end=1)]
     out_info = [helper.make_tensor_value_info("n_batch", TensorProto.INT64, [1])]
-    path = tmp_path / "generic.onnx"
+    path, out = tmp_path / "generic.onnx", tmp_path / "m.onnx"
     onnx.save(_graph(extra, out_info), str(path))
-    with pytest.raises(SpecialiseError, match="n_batch: its value depends on the batch size"):
+    info = specialise(path, out, tmp_path / "t.onnx", {"ids": np.array([[1, 2]], np.int64)})
+    assert info["shape_ops_kept"] == 1 and "ids" in info["boundary"]
+    x = np.zeros((3, 3), np.float32)
+    assert _run(out, {"pixel_values": x})[1].tolist() == [3]
+
+
+def test_a_prompt_value_summed_over_the_batch_is_refused(tmp_path):
+    """A prompt-only value that is not a shape read and still changes with the batch (a sum
+    over the batch axis) cannot be folded: specialise stops and names the tensor."""
+    extra = [helper.make_node("ReduceSum", ["text4", "axes0"], ["over_batch"], keepdims=0),
+             helper.make_node("Add", ["xw", "over_batch"], ["y3"])]
+    out_info = [helper.make_tensor_value_info("y3", TensorProto.FLOAT, ["B", WIDTH])]
+    m = _graph(extra, out_info)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "axes0"))
+    path = tmp_path / "generic.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(SpecialiseError, match="over_batch: its value depends on the batch size"):
         specialise(path, tmp_path / "m.onnx", tmp_path / "t.onnx",
                    {"ids": np.array([[1, 2]], np.int64)})
 
@@ -128,3 +145,37 @@ def test_unknown_prompt_input_is_named(toy, tmp_path):
     with pytest.raises(SpecialiseError, match="no input.*input_ids"):
         specialise(toy, tmp_path / "m.onnx", tmp_path / "t.onnx",
                    {"input_ids": np.array([[1]], np.int64)})
+
+
+def _masked_graph():
+    """y2 = masked_fill(x @ W, any(ids == 0), -1): a prompt with padding (id 0) masks rows."""
+    extra = [
+        helper.make_node("Equal", ["ids", "zero"], ["is_pad"]),
+        helper.make_node("Cast", ["is_pad"], ["is_pad_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["is_pad_f", "axes1"], ["any_pad_f"], keepdims=1),
+        helper.make_node("Cast", ["any_pad_f"], ["mask"], to=TensorProto.BOOL),
+        helper.make_node("Where", ["mask", "fill", "xw"], ["y2"]),
+    ]
+    m = _graph(extra, [helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["B", WIDTH])])
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                                numpy_helper.from_array(np.array(-1.0, np.float32), "fill")])
+    return m
+
+
+def test_where_on_a_uniform_prompt_mask_is_dropped_and_guarded(tmp_path):
+    """masked_fill with a prompt mask that is all False becomes an Identity; putting in a
+    prompt whose mask is not all False again is refused, since the Where is gone."""
+    path, out, text = tmp_path / "generic.onnx", tmp_path / "model.onnx", tmp_path / "text.onnx"
+    onnx.save(_masked_graph(), str(path))
+    ids = np.array([[3, 5, 7]], np.int64)
+    info = specialise(path, out, text, {"ids": ids})
+    assert info["where_removed"] == 1
+    assert "Where" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+    x = np.random.default_rng(4).standard_normal((2, 3)).astype(np.float32)
+    want = _run(path, {"pixel_values": x, "ids": np.repeat(ids, 2, 0)})
+    for g, w in zip(_run(out, {"pixel_values": x}), want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    # another prompt without padding: fine; with padding: refused
+    respecialise(out, text, tmp_path / "other.onnx", {"ids": np.array([[9, 9]], np.int64)})
+    with pytest.raises(SpecialiseError, match="mask: the graph was specialised to a mask that is all False"):
+        respecialise(out, text, tmp_path / "padded.onnx", {"ids": np.array([[9, 0]], np.int64)})

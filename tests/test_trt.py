@@ -89,7 +89,7 @@ def test_build_writes_engines_manifest_and_sha256(engine_bundle):
     gd = section["graphs"]["gdino/model"]["profiles"]
     assert gd["pixel_values"] == {"min": [1, 3, 256, 256], "opt": [4, 3, 256, 256],
                                   "max": [8, 3, 256, 256]}
-    assert set(gd) == {"pixel_values", "pixel_mask"}  # the prompt is folded into the graph
+    assert set(gd) == {"pixel_values"}  # the prompt and the pixel mask are folded in
     assert section["graphs"]["siamese/pair"]["profiles"]["pairs"]["max"][0] == 2
     assert section["graphs"]["clip/visual"]["profiles"]["crops"]["max"][0] == 64
     # the builds asked for fp16 with TF32 off, and pinned layers obeyed

@@ -13,6 +13,11 @@ at full size) is the same on every call. `specialise` cuts the generic graph in 
 ids, replace the initializers), so a bundle never needs PyTorch to change its prompt. The
 boundary tensors keep their names and shapes stay symbolic along the token axis, so the
 consumers are untouched. Everything here is numpy, onnx and onnxruntime.
+
+Two refinements: a Shape op whose value would freeze the batch size stays a run-time node
+(it then reads a batch-sized boundary tensor), and a Where whose condition folds to an
+all-True or all-False mask (masked_fill with a prompt without padding, or an all-ones
+pixel mask) becomes an Identity.
 """
 from __future__ import annotations
 
@@ -28,15 +33,17 @@ class SpecialiseError(ValueError):
     pass
 
 
-def prompt_only_nodes(graph, inputs: set[str]) -> tuple[list, set[str]]:
+def prompt_only_nodes(graph, inputs: set[str], keep: frozenset[str] = frozenset()
+                      ) -> tuple[list, set[str]]:
     """Nodes (in graph order) computed from `inputs` and constants alone, at least one input
-    among `inputs`; and the tensors they produce. Nodes with subgraphs are left alone."""
+    among `inputs`; and the tensors they produce. Nodes with subgraphs, and the nodes whose
+    first output is in `keep`, stay run-time nodes."""
     constant = {t.name for t in graph.initializer} | {""}
     derived = set(inputs)
     nodes = []
     for node in graph.node:
-        if any(a.type in (5, 10) for a in node.attribute):  # GRAPH / GRAPHS
-            continue
+        if any(a.type in (5, 10) for a in node.attribute) or node.output[0] in keep:
+            continue  # GRAPH / GRAPHS attributes, or kept
         ins = set(node.input)
         if not node.input:
             constant.update(node.output)  # Constant
@@ -48,9 +55,9 @@ def prompt_only_nodes(graph, inputs: set[str]) -> tuple[list, set[str]]:
     return nodes, derived
 
 
-def boundary_tensors(graph, inputs: set[str]) -> list[str]:
+def boundary_tensors(graph, inputs: set[str], keep: frozenset[str] = frozenset()) -> list[str]:
     """The prompt-only tensors that other nodes or the graph's outputs consume."""
-    nodes, derived = prompt_only_nodes(graph, inputs)
+    nodes, derived = prompt_only_nodes(graph, inputs, keep)
     inside = {id(n) for n in nodes}
     wanted = []
     for node in graph.node:
@@ -59,6 +66,24 @@ def boundary_tensors(graph, inputs: set[str]) -> list[str]:
         wanted += [t for t in node.input if t in derived]
     wanted += [o.name for o in graph.output if o.name in derived]
     return list(dict.fromkeys(wanted))
+
+
+def shape_reads(graph, names: list[str], inputs: set[str], keep: frozenset[str]) -> set[str]:
+    """First outputs of the Shape nodes among the prompt-only producers of `names`."""
+    nodes, _ = prompt_only_nodes(graph, inputs, keep)
+    producer = {o: n for n in nodes for o in n.output}
+    found, todo, seen = set(), list(names), set()
+    while todo:
+        t = todo.pop()
+        n = producer.get(t)
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.op_type == "Shape":
+            found.add(n.output[0])
+        else:
+            todo += list(n.input)
+    return found
 
 
 def _run(model_proto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,7 +115,7 @@ def batch_axes(text_model, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.n
     batch 2 must be the batch-1 value repeated along it, which `Tile` then reproduces."""
     one = _run(text_model, {k: v[:1] for k, v in feeds.items()})
     two = _run(text_model, {k: np.concatenate([v[:1], v[:1]]) for k, v in feeds.items()})
-    axes = {}
+    axes, batch_valued = {}, []
     for name, a in one.items():
         b = two[name]
         differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
@@ -98,21 +123,32 @@ def batch_axes(text_model, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.n
                 differ and b.shape[differ[0]] != 2 * a.shape[differ[0]]):
             raise SpecialiseError(f"{name}: shape {a.shape} at batch 1 but {b.shape} at batch 2")
         if not differ and not np.array_equal(a, b):
-            # e.g. a shape tensor holding the batch size: it cannot be frozen
-            raise SpecialiseError(f"{name}: its value depends on the batch size")
+            batch_valued.append(name)  # e.g. a shape tensor holding the batch size
+            continue
         if differ:
             axis = differ[0]
             if not np.array_equal(np.concatenate([a, a], axis=axis), b):
                 raise SpecialiseError(f"{name}: batch items differ for one prompt")
         axes[name] = differ[0] if differ else None
+    if batch_valued:
+        raise BatchValuedError(batch_valued)
     return one, axes
+
+
+class BatchValuedError(SpecialiseError):
+    """Prompt-only tensors whose values (not shapes) change with the batch size."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        super().__init__(f"{', '.join(names)}: its value depends on the batch size")
 
 
 def specialise(model_path: str | Path, out_path: str | Path, text_path: str | Path,
                feeds: dict[str, np.ndarray]) -> dict:
     """Write the graph at `model_path` specialised to the prompt `feeds` (batch-1 arrays for
     every prompt input) to `out_path`, and its text graph to `text_path`. Returns what was
-    done: the boundary tensors with their batch axes, the nodes and bytes removed."""
+    done: the boundary tensors with their batch axes, the nodes and bytes removed, the
+    Shape ops kept at run time, the Where ops dropped."""
     import onnx
 
     model = onnx.load(str(model_path))
@@ -123,13 +159,25 @@ def specialise(model_path: str | Path, out_path: str | Path, text_path: str | Pa
         raise SpecialiseError(f"{model_path}: no input(s) {', '.join(sorted(missing))}")
     if BATCH_SOURCE not in {i.name for i in graph.input}:
         raise SpecialiseError(f"{model_path}: no {BATCH_SOURCE} input to take the batch from")
-    boundary = boundary_tensors(graph, set(inputs))
-    text = text_graph(model, inputs, boundary)
-    values, axes = batch_axes(text, feeds)
+    keep: frozenset[str] = frozenset()
+    while True:
+        boundary = boundary_tensors(graph, set(inputs), keep)
+        text = text_graph(model, inputs, boundary)
+        try:
+            values, axes = batch_axes(text, feeds)
+            break
+        except BatchValuedError as e:
+            # A prompt-only value holds the batch size (a reshape target read off a folded
+            # input's shape): keep the Shape ops it comes from at run time, so they read the
+            # shape of the batch-sized boundary tensor instead.
+            more = shape_reads(graph, e.names, set(inputs), keep)
+            if not more:
+                raise
+            keep = keep | more
     onnx.save(text, str(text_path))
 
-    nodes, _ = prompt_only_nodes(graph, set(inputs))
-    removed = {id(n) for n in nodes}
+    folded, _ = prompt_only_nodes(graph, set(inputs), keep)
+    removed = {id(n) for n in folded}
     kept = _live([n for n in graph.node if id(n) not in removed], graph)
     used = {t for n in kept for t in n.input} | {o.name for o in graph.output}
     before = sum(t.ByteSize() for t in graph.initializer)
@@ -142,19 +190,69 @@ def specialise(model_path: str | Path, out_path: str | Path, text_path: str | Pa
             continue
         initializers.append(onnx.numpy_helper.from_array(value, name + PROMPT_SUFFIX))
         head += _broadcast_nodes(name, value.ndim, axes[name])
+    constant_masks = {name: values[name] for name in boundary
+                      if values[name].dtype == np.bool_ and values[name].size
+                      and (values[name].all() or not values[name].any())}
+    kept, n_where = _drop_constant_where(kept, constant_masks)
+    nodes = _live(head + kept, graph)
+    used = {t for n in nodes for t in n.input} | {o.name for o in graph.output}
+    initializers = [t for t in initializers if t.name in used]
     del graph.node[:]
-    graph.node.extend(head + kept)
+    graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(initializers)
     kept_inputs = [i for i in graph.input if i.name not in feeds]
     del graph.input[:]
     graph.input.extend(kept_inputs)
     del graph.value_info[:]
+    # respecialise must refuse a prompt whose masks are not as uniform as the ones dropped
+    fixed = {name: bool(v.all()) for name, v in constant_masks.items()}
+    _set_metadata(model, {"constant_masks": fixed})
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return {"inputs_folded": inputs, "boundary": {n: axes[n] for n in boundary},
-            "nodes_removed": len(nodes), "weights_bytes_removed":
+            "nodes_removed": len(folded), "shape_ops_kept": len(keep), "where_removed": n_where, "weights_bytes_removed":
                 before - sum(t.ByteSize() for t in initializers)}
+
+
+def _drop_constant_where(nodes: list, masks: dict[str, np.ndarray]) -> tuple[list, int]:
+    """Where(mask, a, b) whose mask is a folded boolean tensor that is all True (all False)
+    is a copy of a (b): an Identity, which onnxruntime removes. That is what masked_fill
+    with a prompt mask without padding, or an all-ones pixel mask, exports to. Only where
+    the chosen side is computed at run time: a masked_fill's `self`, which has the output's
+    shape (a constant fill value would be broadcast)."""
+    from onnx import helper
+
+    produced = {o for n in nodes for o in n.output}
+    out, dropped = [], 0
+    for n in nodes:
+        if n.op_type == "Where" and n.input[0] in masks:
+            side = n.input[1] if masks[n.input[0]].all() else n.input[2]
+            if side in produced:
+                out.append(helper.make_node("Identity", [side], list(n.output), name=n.name))
+                dropped += 1
+                continue
+        out.append(n)
+    return out, dropped
+
+
+METADATA_KEY = "spotdiff.specialise"
+
+
+def _set_metadata(model, info: dict) -> None:
+    import json
+
+    for p in model.metadata_props:
+        if p.key == METADATA_KEY:
+            p.value = json.dumps(info)
+            return
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(info))
+
+
+def _metadata(model) -> dict:
+    import json
+
+    return next((json.loads(p.value) for p in model.metadata_props if p.key == METADATA_KEY), {})
 
 
 def _live(nodes: list, graph) -> list:
@@ -203,8 +301,18 @@ def respecialise(model_path: str | Path, text_path: str | Path, out_path: str | 
     values, _ = batch_axes(text, feeds)
     model = onnx.load(str(model_path))
     by_name = {t.name: t for t in model.graph.initializer}
+    fixed = _metadata(model).get("constant_masks", {})
     shapes = {}
     for name, value in values.items():
+        if name in fixed:
+            if not (value.all() if fixed[name] else not value.any()):
+                raise SpecialiseError(
+                    f"{name}: the graph was specialised to a mask that is all "
+                    f"{fixed[name]} (its Where ops dropped); this prompt's is not: specialise "
+                    "the generic graph again")
+            if name not in by_name and name + PROMPT_SUFFIX not in by_name:
+                shapes[name] = list(value.shape)
+                continue
         key = name + PROMPT_SUFFIX if name + PROMPT_SUFFIX in by_name else name
         if key not in by_name:
             raise SpecialiseError(f"{model_path}: no prompt initializer for {name}; "

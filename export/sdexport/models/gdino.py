@@ -3,9 +3,10 @@
 The prompt is fixed at build time, the notebook's `'. '.join(labels)` ("l1. l2. ... ln",
 no final period); its token ids are stored with a
 token -> label map made from the labels' character spans, so the runtime never decodes
-phrases. The graph is then specialised to the prompt (`sdexport.specialise`): BERT and
-everything else computed from the ids alone become constants, and `gdino/text.onnx`
-recomputes them for other ids. The image size is fixed per bundle (FACTS.md: dynamic
+phrases. The graph is then specialised to the prompt and the all-ones pixel mask
+(`sdexport.specialise`): BERT and everything else computed from them alone (text masks,
+position ids, sine position embeddings, valid ratios, reference points) become constants,
+and `gdino/text.onnx` recomputes them for other ids. The image size is fixed per bundle (FACTS.md: dynamic
 height/width export but give wrong answers); the batch axis is dynamic.
 """
 from __future__ import annotations
@@ -455,6 +456,16 @@ def set_output_shapes(path: Path, io: dict, shapes: dict[str, list]) -> dict:
 
 # ---- inputs ----------------------------------------------------------------------------
 
+# Folded into the graph at build time: the prompt, and the pixel mask, which is all ones
+# (a fixed canvas, never padded; FACTS.md: a padded mask gives wrong answers).
+FOLDED_INPUTS = TEXT_INPUTS + ["pixel_mask"]
+
+
+def fixed_inputs(text: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The batch-1 values of FOLDED_INPUTS for a prompt and a canvas (height, width)."""
+    return {**{k: text[k] for k in TEXT_INPUTS}, "pixel_mask": np.ones((1, *size), np.int64)}
+
+
 def graph_inputs(pixel_values: np.ndarray, text: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds for a batch of preprocessed images and the prompt's ids (repeated per image)."""
     batch, _, height, width = pixel_values.shape
@@ -523,22 +534,24 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext) -> dic
         io = export_graph(model, cases["random"], generic, ctx.opset)
     with ctx.timed("gdino: fold the prompt"):
         folded = specialise(generic, writer.path(GRAPH_FILE), writer.path(TEXT_GRAPH_FILE),
-                            {k: text[k] for k in TEXT_INPUTS})
+                            fixed_inputs(text, (height, width)))
         generic.unlink()
-    io["inputs"] = [i for i in io["inputs"] if i["name"] not in TEXT_INPUTS]
-    ctx.log(f"  gdino: prompt folded in: {folded['nodes_removed']} nodes and "
-            f"{folded['weights_bytes_removed'] / 1e6:.0f} MB of weights moved to {TEXT_GRAPH_FILE}")
+    io["inputs"] = [i for i in io["inputs"] if i["name"] not in FOLDED_INPUTS]
+    ctx.log(f"  gdino: prompt and pixel mask folded in: {folded['nodes_removed']} nodes "
+            f"({folded['weights_bytes_removed'] / 1e6:.0f} MB of weights) moved to "
+            f"{TEXT_GRAPH_FILE}, {folded['where_removed']} masked_fill Where ops dropped")
 
     return {
         "source": source.describe(),
         "graphs": {"model": {"file": GRAPH_FILE, **io, "slot_outputs": OUTPUT_NAMES,
                              "slot_axis": 1}},
         "prompt_folding": {
-            "text_graph": TEXT_GRAPH_FILE, "inputs": TEXT_INPUTS,
-            "boundary": folded["boundary"],
-            "how": ("the graph is specialised to this prompt: every tensor computed from the "
-                    "prompt's ids alone is an initializer (sdexport.specialise); the text "
-                    "graph maps other ids to new values of those tensors (respecialise)")},
+            "text_graph": TEXT_GRAPH_FILE, "inputs": FOLDED_INPUTS,
+            "boundary": folded["boundary"], "where_removed": folded["where_removed"],
+            "how": ("the graph is specialised to this prompt and the all-ones pixel mask: "
+                    "every tensor computed from them alone is an initializer "
+                    "(sdexport.specialise); the text graph maps another prompt's ids (and "
+                    "the same mask) to new values of those tensors (respecialise)")},
         "golden_file": golden.save(writer, GOLDEN_FILE),
         "tolerance": {"rel_l2": 1e-5},
         "image_size": [height, width],
