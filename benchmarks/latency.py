@@ -57,12 +57,21 @@ from common import (
 VIEWS = 4  # a, flip(a), b, flip(b)
 
 # The issue's targets: (name, numerator contender, denominator contender, min ratio, bundles)
+# The Grounding DINO issue (16) sets the whole-pipeline fp32 target per CPU kind: 1.6x on
+# the AVX-512 Xeon, 2.2x on the AVX2-only AMD EPYC (where PyTorch is slower).
+FP32_VS_REFERENCE = {"avx512": 1.6, "avx2": 2.2}
 TARGETS = [
-    ("sdrun fp32 vs seed-style reference, whole pipeline", "reference", "sdrun-fp32", 3.0, "gdino"),
+    ("sdrun fp32 vs seed-style reference, whole pipeline", "reference", "sdrun-fp32",
+     FP32_VS_REFERENCE, "gdino"),
+    ("sdrun int8 vs seed-style reference, whole pipeline", "reference", "sdrun-int8", 3.0, "gdino"),
     ("sdrun fp32 vs seed-style reference, OWL-ViT-only bundle", "reference", "sdrun-fp32", 6.0, "owl"),
     ("sdrun fp32 vs optimised PyTorch", "torch", "sdrun-fp32", 1.3, "any"),
     ("sdrun int8 vs optimised PyTorch", "torch", "sdrun-int8", 2.5, "any"),
 ]
+
+
+def cpu_kind(isa: str) -> str:
+    return "avx512" if "avx512f" in isa.split() else "avx2"
 
 
 def stage_gflop(flops: dict, contender: str, stage: str, answer: dict, n_prompts: int) -> float:
@@ -212,6 +221,9 @@ def summarise(report: dict, names: list[str]) -> dict:
         if r is None:
             continue
         got = r["median_paired"]
+        if isinstance(want, dict):
+            kind_here = cpu_kind(report.get("machine", {}).get("isa", ""))
+            want, label = want[kind_here], f"{label} ({kind_here} CPU)"
         out["targets"].append({"target": label, "want": want, "got": got, "met": got >= want,
                                "shortfall": None if got >= want else want / got,
                                "range": [r["min_paired"], r["max_paired"]]})
