@@ -236,7 +236,7 @@ def main(argv=None) -> int:
             f = feeds_for([img])
             sets = {}
             for k, s in sessions.items():
-                lo, bo = s.run(None, f)
+                lo, bo = s.run(None, {i.name: f[i.name] for i in s.get_inputs()})
                 sets[k] = label_set(lo[0], bo[0], token_labels, labels, thr)
             per_image.append({"image": name, **sets})
             for k in sessions:

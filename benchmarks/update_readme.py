@@ -17,7 +17,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 DEFAULT = ["latency_full", "latency_full-owl", "accuracy_full", "accuracy_full-synthetic",
            "coldstart_full", "coldstart_full-int8", "int8_drift_full-int8", "int8_isa_tiny",
-           "graph_speed_full-int8_vnni", "profile_gdino_full"]
+           "graph_speed_full-int8_vnni", "profile_gdino_full",
+           "int8_static_full-before-folding"]
 
 
 def block(names: list[str]) -> str:
