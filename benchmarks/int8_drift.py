@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, required=True, help="an int8 bundle")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--name", help="output name (default int8_drift_<bundle folder>)")
     args = ap.parse_args(argv)
     from sdrun.apps.check import check_bundle
     from sdrun.bundle.bundle import Bundle
@@ -48,14 +49,16 @@ def main(argv=None) -> int:
                      f"{(g['fp32_bytes'] or 0) / 1e6:.1f} -> {(g['int8_bytes'] or 0) / 1e6:.1f}"])
     report = {"benchmark": "int8_drift", "bundle": str(args.bundle), "machine": machine(),
               "graphs": graphs}
+    m = report["machine"]
     md = (f"### int8 drift from PyTorch fp32 on the golden samples: {args.bundle}\n\n"
+          f"{m['cpu']} ({m['isa']}; int8 kernel: {m['int8_kernel']}), {m['date']}. "
           "onnxruntime dynamic quantisation (MatMul/Gemm weights QInt8 per channel, "
           f"{'7-bit (reduce_range)' if all(q.get('reduce_range') for q in quant.values()) else '8-bit'}"
           ", activations quantised per call); every output compared with the PyTorch fp32 output recorded at "
           "build time (Grounding DINO after pairing its query slots).\n\n"
           + md_table(["graph", "max rel. L2 (output)", "max abs", "int8 tolerance", "ok", "MB fp32 -> int8"],
                      rows, "lrrrlr") + "\n")
-    write_outputs(args.out_dir, f"int8_drift_{args.bundle.name}", report, md)
+    write_outputs(args.out_dir, args.name or f"int8_drift_{args.bundle.name}", report, md)
     print(md)
     return 0 if all(g["ok"] for g in graphs.values()) else 1
 

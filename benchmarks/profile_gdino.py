@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--int8", type=Path, help="an int8 bundle of the same models")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--name", help="output name (default profile_gdino_<bundle folder>)")
     args = ap.parse_args(argv)
     from sdrun.apps.check import golden_cases
     from sdrun.bundle.bundle import Bundle
@@ -148,13 +149,14 @@ def main(argv=None) -> int:
         oprows += [[op, "-", f"{t:.2f}"] for op, t in extra]
     m = report["machine"]
     md = (f"### Grounding DINO, one 800x800 image: where the time goes ({args.bundle})\n\n"
-          f"{m['cpu']}, {THREADS} threads, {m['date']}. Seconds per part of the model "
+          f"{m['cpu']} ({m['isa']}), {THREADS} threads, {m['date']}; onnxruntime sessions "
+          "set as sdrun's (no spinning, denormals as zero). Seconds per part of the model "
           "(onnxruntime: profiler node times summed by the module path kept in the node names; "
           "PyTorch: forward hooks on GroundingDinoModel's children).\n\n"
           + md_table(["part"] + cols, rows)
           + "\n\nonnxruntime, top op types (s):\n\n"
           + md_table(["op"] + [c for c in cols if c != "torch"], oprows) + "\n")
-    write_outputs(args.out_dir, f"profile_gdino_{args.bundle.name}", report, md)
+    write_outputs(args.out_dir, args.name or f"profile_gdino_{args.bundle.name}", report, md)
     print(md)
     return 0
 

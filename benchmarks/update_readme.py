@@ -15,9 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-DEFAULT = ["latency_full", "latency_full-owl", "accuracy_full", "accuracy_full-synthetic",
-           "coldstart_full", "coldstart_full-int8", "int8_drift_full-int8", "int8_isa_tiny",
-           "graph_speed_full-int8_vnni", "profile_gdino_full",
+DEFAULT = ["latency_full", "latency_full_epyc-avx512", "latency_full-owl", "accuracy_full",
+           "accuracy_full_epyc-avx512", "accuracy_full-synthetic",
+           "accuracy_full-synthetic_epyc-avx512", "coldstart_full", "coldstart_full-int8",
+           "coldstart_full_epyc-avx512", "coldstart_full-int8_epyc-avx512",
+           "int8_drift_full-int8", "int8_drift_full-int8_epyc-avx512", "int8_isa_tiny",
+           "graph_speed_full-int8_vnni", "profile_gdino_full", "profile_gdino_full_epyc-avx512",
            "int8_static_full-before-folding"]
 
 
