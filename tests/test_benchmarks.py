@@ -154,13 +154,34 @@ def test_train_change_benchmark_smoke(tmp_path):
 def test_serve_load_benchmark_smoke(tiny_bundle, tmp_path):
     pytest.importorskip("fastapi")
     _run("serve_load.py", "--bundle", str(tiny_bundle), "--pairs", "3", "--clients", "3",
-         "--requests", "6", "--out-dir", str(tmp_path), "--name", "serve")
+         "--requests", "6", "--settings", "default", "4", "--param", "det_thr=0.3",
+         "--out-dir", str(tmp_path), "--name", "serve")
     report = json.loads((tmp_path / "serve.json").read_text())
-    for setting in ("served, batching", "served, no batching"):
-        assert report[setting]["sent"] == 6 and report[setting]["lost"] == 0 and report[setting]["wrong"] == 0
+    assert report["params"] == {"det_thr": 0.3}
+    for setting in ("default", "4"):
+        r = report["settings"][setting]
+        assert r["sent"] == 6 and r["lost"] == 0 and r["wrong"] == 0
+        assert 0 < r["rss_ready_gib"] <= r["rss_peak_gib"] and r["rss_after_gib"] > 0
+    assert report["settings"]["default"]["mean_pairs"] == 1.0  # one pair per batch on CPU
 
 
 def test_gridsample_benchmark_smoke(tmp_path):
     _run("gridsample_vs_gather.py", "--repeats", "1", "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "gridsample_vs_gather.json").read_text())
     assert all(v["max_abs_diff"] < 1e-4 for v in report["levels"].values())
+
+
+def test_run_memory_and_graph_memory_benchmarks_smoke(tiny_bundle, tmp_path):
+    from sdrun.apps.synth import write_synthetic_pairs
+
+    write_synthetic_pairs(tmp_path / "pairs", 3, seed=2)
+    _run("run_memory.py", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "pairs"), "--batch-pairs", "3",
+         "--param", "det_thr=0.3", "--memory-budget", "1", "--out-dir", str(tmp_path), "--name", "runmem")
+    report = json.loads((tmp_path / "runmem.json").read_text())
+    assert report["pairs"] == 3 and report["same_as_sdrun_diff"] == 3 and report["run_peak_rss_gib"] > 0
+    _run("graph_memory.py", "--bundle", str(tiny_bundle), "--timing-rounds", "1", "--out-dir", str(tmp_path),
+         "--name", "graphmem")
+    report = json.loads((tmp_path / "graphmem.json").read_text())
+    shrink = report["results"]["gdino/model"]["shrink"]
+    assert shrink["per_input_bytes"] > 0 and shrink["measured"]["arena"] == "shrink"
+    assert set(report["timing"]["seconds"]) == {"arena", "shrink"}

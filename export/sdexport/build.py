@@ -11,6 +11,7 @@ from sdrun.bundle.vocab import default_prompt_templates
 from sdrun.errors import SpotdiffError
 
 from .context import BuildContext
+from .memory import record_graph_memory
 from .models import MODEL_ORDER, exporter
 from .sources import Source, SourceError, parse_source
 from .verify import verify
@@ -86,6 +87,8 @@ def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[s
 
             with ctx.timed("int8 quantisation"):
                 quantize_bundle_dir(staging, log=log)
+        with ctx.timed("memory per call"):
+            record_graph_memory(staging, log=log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -164,6 +164,26 @@ def _engines(bundle, precision, max_batch, models, force, workspace_gb, opt_leve
         sys.exit(1)
 
 
+@main.command("measure-memory")
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True))
+def measure_memory(bundle):
+    """Measure what each graph's call costs in memory and record it in BUNDLE's manifest.
+
+    `sdexport build` does this for every bundle it writes; run it on a bundle built
+    before, or after moving a bundle to another kind of machine. sdrun splits each model
+    call to fit its memory budget with these numbers (without them it assumes a
+    conservative table). Each graph runs in a fresh process at batch 1 and 2; the
+    graphs' files and the bundle's content id are unchanged.
+    """
+    from .memory import record_graph_memory
+
+    try:
+        record_graph_memory(bundle, log=click.echo)
+    except SpotdiffError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
 @main.command("train-change")
 @click.option("--data", required=True, type=click.Path(file_okay=False),
               help="Folder with data/{id}_1.png and data/{id}_2.png (the competition layout).")

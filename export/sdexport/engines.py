@@ -52,9 +52,9 @@ from sdrun.bundle.bundle import MANIFEST, Bundle, sha256_file
 from sdrun.errors import SpotdiffError
 
 # Batch axis per graph, in items per image pair: detectors see 4 views per pair
-# (a, flip(a), b, flip(b)), the Siamese ViT one pair; CLIP gets crops in chunks
-# of at most CLIP_MAX (sdrun.pipeline.CLIP_CHUNK); OWL-ViT's text side one prompt
-# list. A batch above an engine's max is run in chunks by sdrun.
+# (a, flip(a), b, flip(b)), the Siamese ViT one pair; CLIP every kept crop of a
+# batch, up to CLIP_MAX per call; OWL-ViT's text side one prompt list. A batch above
+# an engine's max (or the memory budget) is run in chunks by sdrun.
 PER_PAIR = {("owlvit", "image"): 4, ("gdino", "model"): 4, ("siamese", "pair"): 1}
 CLIP_MAX, CLIP_OPT = 64, 16
 DEFAULT_MAX_BATCH = 8

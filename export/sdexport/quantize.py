@@ -196,6 +196,9 @@ def quantize_bundle(src: str | Path, out: str | Path, log: Callable[[str], None]
         link_or_copy(src / rel, staging / rel)
     try:
         quantize_bundle_dir(staging, log=log, **kwargs)
+        from .memory import record_graph_memory
+
+        record_graph_memory(staging, log=log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

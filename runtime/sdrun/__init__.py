@@ -9,7 +9,7 @@ The package is laid out by role; imports point one way (tests/test_layout.py):
     cli/       the command line             -> apps, pipeline, and below
     apps/      jobs on the pipeline (run, cache, tune, eval, score, check, synth, viz)
     pipeline   batches the model calls      -> backends, stages, bundle
-    backends/  onnxruntime and TensorRT     -> bundle
+    backends/  onnxruntime and TensorRT, memory budgets -> bundle
     stages/    numpy in, numpy out          -> nothing of spotdiff but errors
     bundle/    the folder, its manifest, parameters and vocabulary
     errors, files, csvfile, version         used by all
@@ -25,6 +25,7 @@ from .version import __version__  # noqa: F401  (in __all__)
 
 _EXPORTS = {
     "Bundle": ".bundle.bundle",
+    "MemoryBudget": ".backends.memory",
     "BundleError": ".errors",
     "ParamError": ".bundle.params",
     "ProviderError": ".errors",

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .backends.memory import MemoryBudget
 from .backends.session import open_graph
 from .bundle.bundle import Bundle
 from .bundle.params import GATE_SIGNALS, POST_DEFAULTS, check_combination, validate  # noqa: F401  (re-exported)
@@ -35,7 +36,6 @@ from .stages.images import ImageError, as_rgb, load_image
 from .stages.matching import match_objects
 
 VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
-CLIP_CHUNK = 64
 COLUMNS = ("added", "removed", "changed")
 
 
@@ -121,17 +121,23 @@ def _image(x) -> np.ndarray:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, provider: str = "cpu", params: dict | None = None,
-                 threads: int | None = None, allow_onnx_fallback: bool = False):
+                 threads: int | None = None, allow_onnx_fallback: bool = False,
+                 memory_budget: MemoryBudget | int | str | None = None):
+        """`memory_budget`: the bytes (or '6G') every model call together may use at once;
+        calls larger than that run in chunks (same answers). Default: a share of the memory
+        this process can get (`sdrun.backends.memory`)."""
         self.bundle = bundle
         self.provider = provider
         self.labels = bundle.vocabulary
         self.params = {**bundle.params, **validate(params or {}, "Pipeline(params=...)")}
         check_combination(self._merged(None), f"{bundle.root}: parameters with the overrides given")
+        self.memory_budget = MemoryBudget.resolve(memory_budget, provider)
         b = bundle
 
         def session(model, graph):
             return open_graph(b, model, graph, provider=provider, threads=threads,
-                              allow_onnx_fallback=allow_onnx_fallback, group=self)
+                              allow_onnx_fallback=allow_onnx_fallback, group=self,
+                              budget=self.memory_budget)
 
         owl = b.model("owlvit")
         self.owl_facts = owl["preprocess"]
@@ -154,11 +160,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle: str | Path | Bundle, provider: str = "cpu", params: dict | None = None,
-             threads: int | None = None, allow_onnx_fallback: bool = False) -> "Pipeline":
+             threads: int | None = None, allow_onnx_fallback: bool = False,
+             memory_budget: MemoryBudget | int | str | None = None) -> "Pipeline":
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
         return cls(bundle, provider=provider, params=params, threads=threads,
-                   allow_onnx_fallback=allow_onnx_fallback)
+                   allow_onnx_fallback=allow_onnx_fallback, memory_budget=memory_budget)
 
     def open_sessions(self, parallel: bool = True) -> "Pipeline":
         """Create every model's onnxruntime session now instead of at its first use (a
@@ -248,15 +255,30 @@ class Pipeline:
         """CLIP embeddings of every box of every image, in as few calls as possible; a box
         whose crop is empty (`preprocess.crop_bounds`) gets a row of NaN, which matching
         reads as "no similarity: use the IoU", the notebook's fallback."""
-        per_image = [preprocess.clip_crops(im, b, self.clip_facts) for im, b in zip(images, boxes_px)]
-        if not sum(len(c) for c, _ in per_image):
-            return [np.full((len(ok), 0), np.nan, np.float32) for _, ok in per_image]
-        batch = np.concatenate([c for c, _ in per_image])
-        embeds = np.concatenate([self.clip.run({"crops": batch[i:i + CLIP_CHUNK]})["embeds"]
-                                 for i in range(0, len(batch), CLIP_CHUNK)])
-        full = np.full((sum(len(ok) for _, ok in per_image), embeds.shape[1]), np.nan, embeds.dtype)
-        full[np.concatenate([ok for _, ok in per_image])] = embeds
-        return np.split(full, np.cumsum([len(ok) for _, ok in per_image])[:-1])
+        # The crops are made chunk by chunk, as many as one CLIP call may take: thousands of
+        # candidate boxes (embed="all") are gigabytes of 224x224 float32 crops otherwise.
+        step = getattr(self.clip, "max_batch", None) or max(1, sum(len(b) for b in boxes_px))
+        flat = [(i, k) for i, b in enumerate(boxes_px) for k in range(len(b))]
+        sizes = [len(b) for b in boxes_px]
+        full = None
+        for start in range(0, len(flat), step):
+            part = flat[start:start + step]
+            crops, ok = [], []
+            for i in sorted({i for i, _ in part}):
+                rows = [k for j, k in part if j == i]
+                c, o = preprocess.clip_crops(images[i], np.asarray(boxes_px[i])[rows], self.clip_facts)
+                crops.append(c)
+                ok.append(o)
+            ok = np.concatenate(ok)
+            if not ok.any():
+                continue
+            embeds = self.clip.run({"crops": np.concatenate(crops)})["embeds"]
+            if full is None:
+                full = np.full((len(flat), embeds.shape[1]), np.nan, embeds.dtype)
+            full[start + np.flatnonzero(ok)] = embeds
+        if full is None:
+            return [np.full((n, 0), np.nan, np.float32) for n in sizes]
+        return np.split(full, np.cumsum(sizes)[:-1])
 
     # ---- whole pairs -------------------------------------------------------------
     def diff(self, a, b, pair_id: str | None = None) -> PairResult:
@@ -268,11 +290,11 @@ class Pipeline:
         return [self.finish(o) for o in self.model_outputs(pairs)]
 
     def model_outputs(self, pairs: Sequence[tuple], embed: str = "kept",
-                      params: dict | None = None) -> list[PairOutputs]:
+                      params: dict | Sequence[dict | None] | None = None) -> list[PairOutputs]:
         """The model phase for several (id, a, b) pairs: one call per model for them all.
 
-        embed="kept" embeds only the boxes that `params` (default: the pipeline's) keep,
-        which is what `diff` needs; embed="all" embeds every candidate box of both
+        embed="kept" embeds only the boxes that `params` (default: the pipeline's; a list:
+        each pair's own) keep, which is what `diff` needs; embed="all" embeds every candidate box of both
         images, so that `finish` works for any parameters (what the cache stores; it
         costs a CLIP crop per candidate, typically several times the kept ones).
         An embedding does not depend on which other crops share its CLIP batch
@@ -283,9 +305,12 @@ class Pipeline:
         images = [(_image(a), _image(b)) for _, a, b in pairs]
         dets, views = self._detect([im for pair in images for im in pair])
         patch_maps, logits, class_probs = self.change_outputs(images)
-        p = self._merged(params)
+        per_pair = params if isinstance(params, (list, tuple)) else [params] * len(images)
+        if len(per_pair) != len(images):
+            raise ValueError(f"{len(per_pair)} parameter sets for {len(images)} pairs")
         heats, chosen, ims, px = [], [], [], []
         for n, (a, b) in enumerate(images):
+            p = self._merged(per_pair[n])
             pair_heats = []
             for k, im in enumerate((a, b)):
                 h, w = im.shape[:2]

@@ -25,8 +25,6 @@ from ..bundle.params import MODEL_PARAMS, POST_PARAMS, ParamError, validate
 from ..errors import SpotdiffError
 from ..pipeline import PairResult, Pipeline
 
-# post-model parameters that change which boxes are kept, so which ones CLIP must embed
-KEEP_PARAMS = ("det_thr", "heat_lambda", "heat_th")
 REQUEST_PARAMS = tuple(k for k in POST_PARAMS) + ("det_thr", "iou_thr", "alpha", "heat_lambda", "heat_th")
 
 
@@ -157,9 +155,9 @@ class Batcher:
     def _run(self, batch: list[_Request]) -> list:
         """Every pair's result (or exception): one model call for the batch, then each
         pair's own parameters; a batch that fails as a whole is run pair by pair."""
-        embed = "all" if any(k in r.params for r in batch for k in KEEP_PARAMS) else "kept"
-        try:
-            outputs = self.pipe.model_outputs([(r.pair_id, r.a, r.b) for r in batch], embed=embed)
+        try:  # CLIP embeds the boxes each request's own parameters keep
+            outputs = self.pipe.model_outputs([(r.pair_id, r.a, r.b) for r in batch], embed="kept",
+                                              params=[r.params or None for r in batch])
         except Exception:  # noqa: BLE001 - find the pair that breaks it
             return [self._run_one(r) for r in batch]
         answers: list = []
@@ -172,8 +170,8 @@ class Batcher:
 
     def _run_one(self, r: _Request):
         try:
-            embed = "all" if any(k in r.params for k in KEEP_PARAMS) else "kept"
-            return self.pipe.finish(self.pipe.model_outputs([(r.pair_id, r.a, r.b)], embed=embed)[0],
+            return self.pipe.finish(self.pipe.model_outputs([(r.pair_id, r.a, r.b)],
+                                                            params=r.params or None)[0],
                                     r.params or None)
         except Exception as e:  # noqa: BLE001
             return e

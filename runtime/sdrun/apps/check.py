@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.session import open_graph
-from ..bundle.bundle import Bundle
+from ..bundle.bundle import Bundle, golden_cases
 from ..stages.matching import linear_sum_assignment
 
 DEFAULT_REL_L2 = 1e-5
@@ -90,14 +90,6 @@ def tolerance_for(entry: dict, graph_entry: dict) -> tuple[float, str]:
     tol = graph_entry.get("tolerance") or entry.get("tolerance") or {}
     precision = graph_entry.get("precision") or entry.get("precision") or "fp32"
     return float(tol.get("rel_l2", DEFAULT_REL_L2)), str(precision)
-
-
-def golden_cases(golden: dict[str, np.ndarray]) -> dict[tuple[str, str], dict[str, dict]]:
-    cases: dict[tuple[str, str], dict[str, dict]] = {}
-    for key, arr in golden.items():
-        case, graph, kind, name = key.split("__", 3)
-        cases.setdefault((case, graph), {"in": {}, "out": {}})[kind][name] = arr
-    return cases
 
 
 class _StreamGroup:

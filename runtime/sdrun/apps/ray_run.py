@@ -59,10 +59,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
 class PairBatchActor:
     """Loads the bundle once; each call runs rows of pair batches (`run_batch`)."""
 
-    def __init__(self, bundle: str, provider: str, threads: int, params: dict):
+    def __init__(self, bundle: str, provider: str, threads: int, params: dict,
+                 memory_budget: int | None = None):
         from ..pipeline import Pipeline
 
-        self.pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=params).open_sessions()
+        self.pipe = Pipeline.load(bundle, provider=provider, threads=threads, params=params,
+                                  memory_budget=memory_budget).open_sessions()
 
     def __call__(self, rows: dict) -> dict:
         from .runner import run_batch
@@ -83,9 +85,11 @@ def actor_cpus(cluster_cpus: float, actors: int, cpus_per_actor: float) -> float
 
 
 def ray_executor(bundle: str | Path, params: dict, actors: int = 1, cpus_per_actor: float = 1.0,
-                 gpus_per_actor: float = 0.0, provider: str = "cpu",
+                 gpus_per_actor: float = 0.0, provider: str = "cpu", memory_budget: int | None = None,
                  warn: Callable[[str], None] = print) -> Callable:
-    """A `run_dataset` executor running the batches on the Ray cluster `init_ray` joined."""
+    """A `run_dataset` executor running the batches on the Ray cluster `init_ray` joined.
+    `memory_budget` (bytes) applies to each actor; None: each takes its share of what its
+    machine has free when it loads."""
     ray = import_ray()
 
     def execute(todo) -> Iterator[tuple[int, list]]:
@@ -103,7 +107,8 @@ def ray_executor(bundle: str | Path, params: dict, actors: int = 1, cpus_per_act
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(1, 4 * actors)))
         ds = ds.map_batches(PairBatchActor, batch_size=1, batch_format="numpy",
                             fn_constructor_kwargs={"bundle": str(bundle), "provider": provider,
-                                                   "threads": threads, "params": params},
+                                                   "threads": threads, "params": params,
+                                                   "memory_budget": memory_budget},
                             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ask,
                             num_gpus=gpus_per_actor or None)
         for row in ds.iter_rows():
@@ -113,7 +118,8 @@ def ray_executor(bundle: str | Path, params: dict, actors: int = 1, cpus_per_act
 
 
 def run_on_ray(ray_dataset, bundle: str | Path, params: dict | None = None, actors: int = 1,
-               cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, provider: str = "cpu"):
+               cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, provider: str = "cpu",
+               memory_budget: int | None = None):
     """For a Ray Dataset of pairs you already have (columns `pair_id`, `a`, `b`: image
     paths): the same Dataset with one more column, `result`, each pair's JSON as `sdrun run`
     writes it (errors recorded, never raised)."""
@@ -132,4 +138,5 @@ def run_on_ray(ray_dataset, bundle: str | Path, params: dict | None = None, acto
         _Rows, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus(cluster, actors, cpus_per_actor), num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={"bundle": str(bundle), "provider": provider,
-                               "threads": max(1, int(cpus_per_actor)), "params": params or {}})
+                               "threads": max(1, int(cpus_per_actor)), "params": params or {},
+                               "memory_budget": memory_budget})

@@ -40,11 +40,28 @@ class ServeConfig:
     bundle: str
     provider: str = "cpu"
     threads: int | None = None
-    max_batch_pairs: int = 8
+    memory_budget: int | str | None = None
+    max_batch_pairs: int | None = None  # None: DEFAULT_BATCH_PAIRS of the provider
     max_wait_ms: float = 10.0
     max_queue: int = 64
     max_bytes: int = 32 * 2**20
     retry_after_s: int = 1
+
+
+    @property
+    def batch_pairs(self) -> int:
+        return self.max_batch_pairs or default_batch_pairs(self.provider)
+
+
+def default_batch_pairs(provider: str) -> int:
+    """Most pairs per model batch when not given. On a CPU a batch of pairs serves no more
+    per second than one pair at a time (the cores are busy at batch 1:
+    benchmarks/results/serve_load_full*.md) and makes every caller wait for the slowest
+    of the batch; on a GPU a batch fills the device (the memory budget bounds each call)."""
+    return DEFAULT_BATCH_PAIRS["cpu" if provider == "cpu" else "gpu"]
+
+
+DEFAULT_BATCH_PAIRS = {"cpu": 1, "gpu": 8}
 
 
 class RequestError(SpotdiffError):
@@ -156,14 +173,15 @@ def create_app(config: ServeConfig, pipe=None) -> FastAPI:
         def load():
             from ..pipeline import Pipeline
 
-            p = state["pipe"] or Pipeline.load(config.bundle, provider=config.provider, threads=config.threads)
+            p = state["pipe"] or Pipeline.load(config.bundle, provider=config.provider, threads=config.threads,
+                                               memory_budget=config.memory_budget)
             p.open_sessions()
             z = np.zeros((32, 32, 3), np.uint8)  # warm every session once
             p.diff(z, z)
             return p
 
         state["pipe"] = await loop.run_in_executor(None, load)
-        batcher = Batcher(state["pipe"], config.max_batch_pairs, config.max_wait_ms, config.max_queue,
+        batcher = Batcher(state["pipe"], config.batch_pairs, config.max_wait_ms, config.max_queue,
                           on_batch=metrics.observe_batch)
         await batcher.start()
         state["batcher"] = batcher

@@ -17,8 +17,18 @@ import numpy as np
 from ..errors import BundleError, ProviderError, SpotdiffError
 from .cpu import int8_clipping_warning
 from .interface import ALL_PROVIDERS, ORT_PROVIDERS, Model
+from .memory import BudgetedModel, GraphCost, MemoryBudget
 
 PROVIDERS = ORT_PROVIDERS
+
+
+# What onnxruntime does with the memory of a call's activations once the call is over
+# (measured on the full-size bundle: benchmarks/results/graph_memory*.md):
+#   "arena"     onnxruntime's default: its CPU arena keeps the largest call's memory for good
+#   "shrink"    the arena, shrunk back at the end of every run
+#   "no-arena"  no arena: every tensor from malloc, freed after the run
+ARENA_MODES = ("arena", "shrink", "no-arena")
+DEFAULT_ARENA = "shrink"
 
 
 def default_threads() -> int:
@@ -35,8 +45,12 @@ class OnnxModel:
     check_tolerance = None  # the bundle's own tolerance applies
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None,
-                 device: int = 0):
+                 device: int = 0, arena: str | None = None):
         self.path = Path(path)
+        self.arena = arena or os.environ.get("SDRUN_ORT_ARENA") or DEFAULT_ARENA
+        if self.arena not in ARENA_MODES:
+            raise ProviderError(f"arena mode {self.arena!r}: choose one of {', '.join(ARENA_MODES)}")
+        self._run_options = None
         if provider not in PROVIDERS:
             raise ProviderError(f"unknown provider {provider!r} for onnxruntime; choose one of "
                                 f"{', '.join(PROVIDERS)}")
@@ -72,6 +86,12 @@ class OnnxModel:
         # check (its golden outputs came out bit-identical).
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         opts.log_severity_level = 3
+        if self.arena == "no-arena":
+            opts.enable_cpu_mem_arena = False
+        elif self.arena == "shrink":
+            device = "cpu:0" if self.provider == "cpu" else f"cpu:0;gpu:{self.device}"
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", device)
         providers: list = [wanted]
         if self.provider == "cuda":
             # fp32 means fp32: no TF32 matrix products (they break the 1e-5 golden check).
@@ -108,7 +128,7 @@ class OnnxModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.output_names
-        outs = self.session.run(names, {k: feeds[k] for k in self.input_names})
+        outs = self.session.run(names, {k: feeds[k] for k in self.input_names}, self._run_options)
         return dict(zip(names, outs))
 
 
@@ -128,14 +148,24 @@ def require_ort_provider(provider: str) -> str:
 
 def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
                threads: int | None = None, *, allow_onnx_fallback: bool = False,
-               group=None):
+               group=None, budget: MemoryBudget | None = None):
     """The runnable form of one graph of a bundle for this provider.
 
     "tensorrt" opens the bundle's engine for this GPU and TensorRT version (see
     `sdrun.backends.trt`); when there is none, it is an error unless `allow_onnx_fallback`,
     which runs the ONNX graph with onnxruntime CUDA on the same GPU (with a warning).
     Engines opened with the same `group` (e.g. one Pipeline) share one CUDA stream.
+    With a `budget`, every call is split into chunks that fit it (`sdrun.backends.memory`);
+    on CPU a graph whose outputs depend on their batch runs one input per call.
     """
+    opened = _open_graph(bundle, model, graph, provider, threads, allow_onnx_fallback, group)
+    if budget is None:
+        return opened
+    cost = GraphCost.of(model, bundle.model(model)["graphs"][graph])
+    return BudgetedModel(opened, cost, budget, label=f"{model}/{graph}", exact=provider == "cpu")
+
+
+def _open_graph(bundle, model, graph, provider, threads, allow_onnx_fallback, group):
     if provider not in ALL_PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(ALL_PROVIDERS)}")
     if provider.startswith("tensorrt"):

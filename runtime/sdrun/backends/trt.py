@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import BundleError, ProviderError
 from .interface import Model
+from .memory import run_in_chunks
 
 ENGINE_DIR = "trt"
 PRECISIONS = ("fp16", "fp32")
@@ -421,14 +422,9 @@ class TrtModel:
         missing = [n for n in self._inputs if n not in feeds]
         if missing:
             raise ValueError(f"{self.label}: missing input(s) {', '.join(missing)}")
-        batch = {np.shape(feeds[n])[0] for n in self._inputs if np.ndim(feeds[n])}
-        step = self._max_batch
-        n = batch.pop() if len(batch) == 1 else None
-        if step is None or n is None or n <= step:
+        if self._max_batch is None:
             return self._run_once(feeds)
-        parts = [self._run_once({k: feeds[k][i:i + step] for k in self._inputs})
-                 for i in range(0, n, step)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in self._outputs}
+        return run_in_chunks(self._run_once, feeds, self._inputs, self._max_batch)
 
     def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:

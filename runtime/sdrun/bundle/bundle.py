@@ -40,6 +40,16 @@ def resolve_inside(root: Path, rel: str) -> Path:
     return path
 
 
+def golden_cases(golden: dict[str, np.ndarray]) -> dict[tuple[str, str], dict[str, dict]]:
+    """A golden `.npz` file's arrays, keyed `{case}__{graph}__{in|out}__{name}`, as
+    {(case, graph): {"in": {name: array}, "out": {name: array}}}."""
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    for key, arr in golden.items():
+        case, graph, kind, name = key.split("__", 3)
+        cases.setdefault((case, graph), {"in": {}, "out": {}})[kind][name] = arr
+    return cases
+
+
 @dataclass
 class Bundle:
     root: Path

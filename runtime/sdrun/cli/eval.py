@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import PROVIDER, THREADS, load_pipeline
+from .options import MEMORY_BUDGET, PROVIDER, THREADS, load_pipeline
 
 DATA = click.option("--data", required=True, type=click.Path(file_okay=False),
                     help="Folder with data/{id}_1.png and data/{id}_2.png (or the images directly).")
@@ -84,6 +84,7 @@ def register(group) -> None:
     @BATCH
     @PROVIDER
     @THREADS
+    @MEMORY_BUDGET
     @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
                   help="Override a bundle parameter (repeatable), e.g. det_thr=0.3.")
     @QUIET
@@ -176,6 +177,7 @@ def register(group) -> None:
     @BATCH
     @PROVIDER
     @THREADS
+    @MEMORY_BUDGET
     @QUIET
     def tune(bundle, data, csv_path, val_frac, seed, grid_file, top, dry_run, force, json_out, cache_dir,
              raw_labels, batch_pairs, provider, threads, quiet):

@@ -13,10 +13,11 @@ from ..backends.cpu import (
     int8_kernel,
     isa_summary,
 )
+from ..backends.memory import GraphCost, MemoryBudget, format_size
 from ..bundle.bundle import Bundle
 from ..errors import SpotdiffError
 from . import eval as eval_commands
-from .options import PARAM, PROVIDER, THREADS, load_pipeline
+from .options import MEMORY_BUDGET, PARAM, PROVIDER, THREADS, load_pipeline, memory_budget
 
 
 class _Group(click.Group):
@@ -80,6 +81,7 @@ def check(bundle, provider, models, as_json):
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
+@MEMORY_BUDGET
 def info(bundle, as_json):
     """Print what a bundle holds: models, sources, graphs, vocabulary, parameters."""
     b = Bundle.load(bundle, verify=False)
@@ -92,6 +94,7 @@ def info(bundle, as_json):
     tools = m.get("tools", {})
     click.echo("tools       " + ", ".join(f"{k} {v}" for k, v in tools.items()))
     click.echo(f"vocabulary  {len(m['vocabulary'])} labels: {' '.join(m['vocabulary'])}")
+    budget = MemoryBudget.resolve(memory_budget())
     if m.get("precision") == "int8":
         click.echo(int8_summary(b))
     for name, e in b.models.items():
@@ -102,6 +105,12 @@ def info(bundle, as_json):
             ins = ", ".join(f"{i['name']}{i['shape']}" for i in ge.get("inputs", []))
             outs = ", ".join(f"{o['name']}{o['shape']}" for o in ge.get("outputs", []))
             click.echo(f"  {g:6} {ge['file']} ({size:.1f} MB)\n         in: {ins}\n         out: {outs}")
+            cost = GraphCost.of(name, ge)
+            click.echo(f"         memory per call: {format_size(cost.fixed_bytes)} + "
+                       f"{format_size(cost.per_input_bytes)} per input ({cost.source}); at most "
+                       f"{budget.max_batch(cost)} input(s) per call in {budget}"
+                       + ("" if cost.batch_invariant else "; on CPU one input per call (its outputs "
+                          "depend on the batch)"))
             if "quantization" in ge:
                 q = ge["quantization"]
                 click.echo(f"         int8: {q.get('weight_type')} weights up to "
@@ -197,6 +206,7 @@ def check_run_paths(bundle, pairs, csv_path, out, details, viz_dir) -> None:
 @click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(0))
 @PROVIDER
 @THREADS
+@MEMORY_BUDGET
 @PARAM
 def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, force_rerun, quiet,
         engine, address, actors, cpus_per_actor, gpus_per_actor, provider, threads, params):
@@ -229,6 +239,7 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, forc
         init_ray(address)
         execute = ray_executor(bundle, pipe.params, actors=actors, cpus_per_actor=cpus_per_actor,
                                gpus_per_actor=gpus_per_actor, provider=provider,
+                               memory_budget=memory_budget(),
                                warn=lambda m: click.echo(m, err=True))
     else:
         pipe = load_pipeline(bundle, provider, threads, params).open_sessions()
@@ -248,6 +259,7 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, forc
 @click.option("--viz", type=click.Path(dir_okay=False), help="Write a picture of the result (PNG).")
 @PROVIDER
 @THREADS
+@MEMORY_BUDGET
 @PARAM
 def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
     """What changed from IMAGE_A to IMAGE_B: added, removed and changed labels."""
@@ -302,8 +314,10 @@ def synth(out, n_pairs, seed, size, overwrite):
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--max-batch-pairs", default=8, show_default=True, type=click.IntRange(1),
-              help="Most requests run together in one model batch.")
+@click.option("--max-batch-pairs", default=None, type=click.IntRange(1),
+              help="Most requests run together in one model batch. Default: 1 on CPU (a "
+                   "batch serves no more per second there and makes callers wait for each "
+                   "other), 8 on a GPU; each model call is bounded by --memory-budget anyway.")
 @click.option("--max-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
               help="How long the first request of a batch waits for others.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
@@ -314,6 +328,7 @@ def synth(out, n_pairs, seed, size, overwrite):
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @PROVIDER
 @THREADS
+@MEMORY_BUDGET
 def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes, log_level,
           provider, threads):
     """Serve BUNDLE over HTTP: POST /v1/diff with two images, batched across callers.
@@ -336,6 +351,7 @@ def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes
         raise click.UsageError(f"sdrun serve needs the serve extra ({e.name} is missing): "
                                "pip install 'spotdiff[serve]'") from None
     run_server(ServeConfig(bundle=bundle, provider=provider, threads=threads,
+                           memory_budget=memory_budget(),
                            max_batch_pairs=max_batch_pairs, max_wait_ms=max_wait_ms,
                            max_queue=max_queue, max_bytes=max_bytes), host=host, port=port,
                log_level=log_level)
