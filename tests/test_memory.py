@@ -251,8 +251,8 @@ def test_sdrun_run_and_tune_give_the_same_files_chunked(tiny_bundle, tmp_path):
         r = run_without_torch(["run", str(tiny_bundle), "--data", str(data), "--out", str(out / "sub.csv"),
                                "--batch-pairs", "4", "--param", "det_thr=0.3", "--quiet", *extra])
         assert r.returncode == 0, r.stderr
-        r = run_without_torch(["tune", str(tiny_bundle), "--data", str(data), "--dry-run", "--quiet",
-                               "--cache-dir", str(out / "cache"), "--json", str(out / "tune.json"),
+        r = run_without_torch(["tune", str(tiny_bundle), "--data", str(data), "--csv", str(data / "labels.csv"), "--dry-run", "--quiet",
+                               "--cache", str(out / "cache"), "--json", str(out / "tune.json"),
                                "--batch-pairs", "4", *extra])
         assert r.returncode == 0, r.stderr
         outs[name] = [(out / f).read_bytes() for f in ("sub.csv", "sub.details.jsonl")]
