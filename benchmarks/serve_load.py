@@ -31,6 +31,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from sdrun.backends.memory import proc_status_kib  # noqa: E402
 
 from common import RESULTS, THREADS, machine, make_pairs, md_table, parse_params, write_outputs  # noqa: E402
 
@@ -43,16 +44,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def proc_status_kib(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 class RssWatch:
     """Samples a process's VmRSS every `period` seconds in a thread; keeps the maximum."""
 
@@ -63,7 +54,7 @@ class RssWatch:
 
     def _loop(self):
         while not self._stop.wait(self.period):
-            kib = proc_status_kib(self.pid, "VmRSS")
+            kib = proc_status_kib("VmRSS", self.pid)
             if kib is None:
                 return
             self.max_kib = max(self.max_kib, kib)
@@ -165,7 +156,7 @@ def encode_png(rgb: np.ndarray) -> bytes:
 def serve_setting(args, setting: str, bodies, params, want) -> dict:
     proc, url, ready_s = start_server(args.bundle, setting, args.max_wait_ms, max(64, 2 * args.clients),
                                       args.memory_budget, args.ready_timeout)
-    ready_kib = proc_status_kib(proc.pid, "VmRSS")
+    ready_kib = proc_status_kib("VmRSS", proc.pid)
     watch = RssWatch(proc.pid)
     code = None
     try:
@@ -175,8 +166,8 @@ def serve_setting(args, setting: str, bodies, params, want) -> dict:
                                                         args.max_seconds, args.request_timeout))
         sizes = batch_sizes(url)
         time.sleep(args.settle_s)
-        after_kib = proc_status_kib(proc.pid, "VmRSS")
-        peak_kib = proc_status_kib(proc.pid, "VmHWM")
+        after_kib = proc_status_kib("VmRSS", proc.pid)
+        peak_kib = proc_status_kib("VmHWM", proc.pid)
     finally:
         watch.stop()
         proc.terminate()  # graceful: the server first answers what is still queued

@@ -172,8 +172,9 @@ def measure_memory(bundle):
     `sdexport build` does this for every bundle it writes; run it on a bundle built
     before, or after moving a bundle to another kind of machine. sdrun splits each model
     call to fit its memory budget with these numbers (without them it assumes a
-    conservative table). Each graph runs in a fresh process at batch 1 and 2; the
-    graphs' files and the bundle's content id are unchanged.
+    conservative table). Each graph runs in a fresh process at batch 1, 2, 8, ... until a
+    call stands out of the noise; the graphs' files and the bundle's content id are
+    unchanged.
     """
     from .memory import record_graph_memory
 

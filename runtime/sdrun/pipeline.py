@@ -257,28 +257,26 @@ class Pipeline:
         reads as "no similarity: use the IoU", the notebook's fallback."""
         # The crops are made chunk by chunk, as many as one CLIP call may take: thousands of
         # candidate boxes (embed="all") are gigabytes of 224x224 float32 crops otherwise.
-        step = getattr(self.clip, "max_batch", None) or max(1, sum(len(b) for b in boxes_px))
-        flat = [(i, k) for i, b in enumerate(boxes_px) for k in range(len(b))]
         sizes = [len(b) for b in boxes_px]
+        offsets = np.cumsum([0, *sizes])  # box j of image i is row offsets[i] + j overall
+        total = int(offsets[-1])
+        step = getattr(self.clip, "max_batch", None) or max(1, total)
         full = None
-        for start in range(0, len(flat), step):
-            part = flat[start:start + step]
-            crops, ok = [], []
-            for i in sorted({i for i, _ in part}):
-                rows = [k for j, k in part if j == i]
-                c, o = preprocess.clip_crops(images[i], np.asarray(boxes_px[i])[rows], self.clip_facts)
-                crops.append(c)
-                ok.append(o)
-            ok = np.concatenate(ok)
+        for start in range(0, total, step):
+            end = min(start + step, total)
+            made = [preprocess.clip_crops(images[i], np.asarray(boxes_px[i])[max(lo, start) - lo:min(hi, end) - lo],
+                                          self.clip_facts)
+                    for i, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])) if lo < end and hi > start]
+            ok = np.concatenate([o for _, o in made])
             if not ok.any():
                 continue
-            embeds = self.clip.run({"crops": np.concatenate(crops)})["embeds"]
+            embeds = self.clip.run({"crops": np.concatenate([c for c, _ in made])})["embeds"]
             if full is None:
-                full = np.full((len(flat), embeds.shape[1]), np.nan, embeds.dtype)
+                full = np.full((total, embeds.shape[1]), np.nan, embeds.dtype)
             full[start + np.flatnonzero(ok)] = embeds
         if full is None:
             return [np.full((n, 0), np.nan, np.float32) for n in sizes]
-        return np.split(full, np.cumsum(sizes)[:-1])
+        return np.split(full, offsets[1:-1])
 
     # ---- whole pairs -------------------------------------------------------------
     def diff(self, a, b, pair_id: str | None = None) -> PairResult:

@@ -47,20 +47,17 @@ class ServeConfig:
     max_bytes: int = 32 * 2**20
     retry_after_s: int = 1
 
-
     @property
     def batch_pairs(self) -> int:
-        return self.max_batch_pairs or default_batch_pairs(self.provider)
+        """`max_batch_pairs`, or the provider's default (`DEFAULT_BATCH_PAIRS`)."""
+        return self.max_batch_pairs or DEFAULT_BATCH_PAIRS["cpu" if self.provider == "cpu" else "gpu"]
 
 
-def default_batch_pairs(provider: str) -> int:
-    """Most pairs per model batch when not given. On a CPU a batch of pairs serves no more
-    per second than one pair at a time (the cores are busy at batch 1:
-    benchmarks/results/serve_load_full*.md) and makes every caller wait for the slowest
-    of the batch; on a GPU a batch fills the device (the memory budget bounds each call)."""
-    return DEFAULT_BATCH_PAIRS["cpu" if provider == "cpu" else "gpu"]
-
-
+# Most pairs per model batch when not given. On a CPU a batch of pairs serves no more per
+# second than one pair at a time (the cores are busy at batch 1:
+# benchmarks/results/serve_load_full*.md) and makes every caller wait for the slowest of
+# the batch; on a GPU a batch can fill the device (not measured here), each call bounded
+# by the memory budget.
 DEFAULT_BATCH_PAIRS = {"cpu": 1, "gpu": 8}
 
 

@@ -15,7 +15,6 @@ bits whatever else shares its call (tests/test_memory.py).
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -30,8 +29,6 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import SpotdiffError
-
-log = logging.getLogger(__name__)
 
 # Shares of the memory the process can get that its model calls may use by default. On a
 # CPU a batch larger than a few inputs gains nothing (the cores are busy at batch 1), so
@@ -55,12 +52,14 @@ FALLBACK_COSTS = {  # model: (fixed_bytes, per_input_bytes)
 }
 DEFAULT_FALLBACK = (300 * 2**20, 840 * 2**20)
 # Whether a graph's outputs for an input keep their bits whatever else shares the call,
-# for bundles that record no measurement (Grounding DINO's do not on onnxruntime CPU).
-FALLBACK_INVARIANT = {"owlvit": True, "siamese": True, "clip": True}
+# for bundles that record no measurement (Grounding DINO's and the Siamese ViT's do not on
+# onnxruntime CPU).
+FALLBACK_INVARIANT = {"owlvit": True, "siamese": False, "clip": True}
 
 
 class MemoryBudgetError(SpotdiffError):
     """A memory budget that cannot be read or used."""
+
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -297,9 +296,10 @@ class BudgetedModel:
 
 
 # ---- this process's own memory ------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
+def proc_status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A field of /proc/PID/status in KiB (VmRSS, VmHWM), None when it cannot be read."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -309,13 +309,13 @@ def _status_kib(field: str) -> int | None:
 
 def rss_bytes() -> int | None:
     """This process's resident memory now (Linux), None elsewhere."""
-    kib = _status_kib("VmRSS")
+    kib = proc_status_kib("VmRSS")
     return None if kib is None else kib * 1024
 
 
 def peak_rss_bytes() -> int | None:
     """This process's peak resident memory since it started or since `reset_peak_rss`."""
-    kib = _status_kib("VmHWM")
+    kib = proc_status_kib("VmHWM")
     return None if kib is None else kib * 1024
 
 

@@ -7,9 +7,10 @@ to settle (pre-packed weights, lazy kernels), and then the peak resident memory 
 at each batch size (1, 2, 8, ... until a call stands out of the noise) is read against
 the idle resident memory before it; the cost per input is the slope from the smallest
 batch to the largest. It also records whether every row of a batched call has the same bits
-as the input's call alone (`batch_invariant`): sdrun runs a graph that is not one input per
-call on CPU, so that an answer never depends on which other inputs shared its call. The inputs are the
-bundle's golden inputs of that graph, first row, repeated to the batch.
+as the input's call alone (`batch_invariant`), for distinct inputs and for one input
+repeated: sdrun runs a graph that is not one input per call on CPU, so that an answer
+never depends on which other inputs shared its call. The inputs are the bundle's golden
+inputs of that graph (the first row of each case).
 
 `sdexport build` records the result in the manifest (`graphs[g]["memory"]`), which
 `sdrun.backends.memory.GraphCost` reads.
@@ -54,8 +55,7 @@ def golden_inputs(bundle, model: str, graph: str) -> dict[str, np.ndarray]:
 
 
 def same_rows(batched: dict[str, np.ndarray], alone: dict[str, np.ndarray]) -> bool:
-    """Whether every row of a batched call (of one input repeated) has the bits of that input's
-    call alone. Grounding DINO's have not: onnxruntime's CPU kernels split some work by the
+    """Whether every row of `batched` has the bits of the first (only) row of `alone`. Grounding DINO's have not: onnxruntime's CPU kernels split some work by the
     call's shape, a few last bits move, and its two-stage top-k then swaps query slots."""
     return all(np.array_equal(row, alone[k][0], equal_nan=row.dtype.kind == "f")
                for k, v in batched.items() for row in v)
@@ -72,11 +72,11 @@ def measure_here(bundle_root: str | Path, model: str, graph: str, batches=BATCHE
     rows = golden_rows(bundle, model, graph)
     feeds = rows[0]
     session = OnnxModel(bundle.path(bundle.model(model)["graphs"][graph]["file"]), threads=threads)
-    alone = session.run(feeds)
+    alones = [session.run(r) for r in rows]  # the first also settles the session
+    alone = alones[0]
     # distinct inputs in one call against each alone (Grounding DINO's rows move then)
     mixed = session.run({k: np.concatenate([r[k] for r in rows]) for k in feeds})
-    invariant = all(same_rows({k: v[i:i + 1] for k, v in mixed.items()}, session.run(r))
-                    for i, r in enumerate(rows))
+    invariant = all(same_rows({k: v[i:i + 1] for k, v in mixed.items()}, a) for i, a in enumerate(alones))
     del mixed
     idle = idle_before = rss_bytes()
     peaks, seconds = {}, {}
