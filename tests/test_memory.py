@@ -227,6 +227,7 @@ def test_serve_answers_the_same_chunked(tiny_bundle, synth_pairs):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://sdrun") as client:
             async with app.router.lifespan_context(app):
+                await asyncio.wait_for(app.state.sdrun_ready.wait(), 60)  # loads in the background
                 return await asyncio.gather(*(client.post("/v1/diff", files=f,
                                                           data={"params": json.dumps(params)})
                                               for f in bodies))

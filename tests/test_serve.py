@@ -54,6 +54,7 @@ def run_app(config, pipe, scenario):
         async with httpx.AsyncClient(transport=transport, base_url="http://sdrun") as client:
             before = await client.get("/readyz")
             async with app.router.lifespan_context(app):
+                await asyncio.wait_for(app.state.sdrun_ready.wait(), 60)  # loads in the background
                 return before, await scenario(client, app)
 
     return asyncio.run(main())

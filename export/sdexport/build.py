@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from sdrun.bundle.bundle import MANIFEST
+from sdrun.bundle.bundle import bundle_files
+from sdrun.files import check_output_folder, replace_folder
 from sdrun.bundle.vocab import default_prompt_templates
 from sdrun.errors import SpotdiffError
 
@@ -43,24 +45,28 @@ def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[s
                  prompt_templates: list[str] | None = None, seed: int = 0,
                  gdino_size: tuple[int, int] = (800, 800), siamese_ckpt: str | None = None,
                  check: bool = True, log: Callable[[str], None] = print,
-                 precision: str = "fp32") -> Path:
+                 precision: str = "fp32", inputs: Sequence[tuple[str, str | Path]] = ()) -> Path:
     """Export every model into the bundle folder `out` and check it against PyTorch.
 
     precision "int8": every graph is then quantised (`sdexport.quantize`: onnxruntime dynamic
-    quantisation) and checked against the PyTorch fp32 golden outputs with int8 tolerances."""
+    quantisation) and checked against the PyTorch fp32 golden outputs with int8 tolerances.
+    `out` may be new, empty or an earlier bundle holding nothing but its own files
+    (`sdrun.files.check_output_folder`); `inputs` ((what, path): e.g. the --vocab file) must
+    not lie inside it."""
     if precision not in ("fp32", "int8"):
         raise BuildError(f"precision {precision!r}: ONNX bundles are fp32 or int8")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
-        raise BuildError(f"{out} exists and is not a bundle; refusing to overwrite it")
     if siamese_ckpt is not None and not Path(siamese_ckpt).is_file():
         raise SourceError(f"--siamese-ckpt {siamese_ckpt}: file not found")
+    folder_inputs = [("--siamese-ckpt", siamese_ckpt), *inputs,
+                     *[(f"the {name} source", src.id) for name, src in sources.items() if src.kind == "local"]]
+    check_output_folder(out, "--out", owned=bundle_files, inputs=folder_inputs,
+                        hint=" (a bundle built before is replaced)")
     ctx = BuildContext(vocabulary=list(vocabulary),
                        prompt_templates=list(prompt_templates or default_prompt_templates()),
                        seed=seed, gdino_size=tuple(gdino_size), log=log)
-    staging = out.parent / f".{out.name}.building"
-    if staging.exists():
-        shutil.rmtree(staging)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     writer = BundleWriter(staging)
     t0 = time.perf_counter()
     models = {}
@@ -92,9 +98,7 @@ def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[s
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_folder(staging, out, owned=bundle_files, inputs=folder_inputs)
     log(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
     if check:
         failures = verify(out, log)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from sdrun.errors import SpotdiffError
@@ -110,7 +111,8 @@ def build(out, preset, owlvit, gdino, siamese, siamese_ckpt, clip, vocab, synony
             gpu_info(cuda_api())
         build_bundle(out, sources, labels, templates, seed=seed, gdino_size=gdino_size,
                      siamese_ckpt=siamese_ckpt, check=not no_check, log=click.echo,
-                     precision=precision if target == "onnx" else "fp32")
+                     precision=precision if target == "onnx" else "fp32",
+                     inputs=[("--vocab", vocab)] if vocab and Path(vocab).exists() else [])
         if target == "trt":
             _engines(out, precision, max_batch, (), False, 8.0, None)
     except (SpotdiffError, ValueError, FileNotFoundError) as e:
@@ -192,7 +194,8 @@ def measure_memory(bundle):
               help="Labels: img_id,added_objs,removed_objs,changed_objs (e.g. train.csv). The "
                    "weak label of a pair is 1 when any column names a label.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run folder: config.json, split.json, metrics.jsonl, last.pt, best.safetensors.")
+              help="Run folder: config.json, split.json, metrics.jsonl, last.pt, best.safetensors. "
+                   "New or empty; a folder of an earlier run only with --resume.")
 @click.option("--backbone", default=DEFAULT_HUB_IDS["siamese"], show_default=True,
               help="The ViT, as --siamese of `sdexport build`: a timm name, a local timm folder, "
                    "or a preset (tiny-random: small, random weights, no network).")
@@ -212,7 +215,8 @@ def measure_memory(bundle):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
               help="DataLoader worker processes (0: load images in this process).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out after its last finished epoch.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out after its last finished epoch "
+                                             "(an error when --out holds no run).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_change(data, csv_path, out, backbone, heads, vocab, epochs, batch_size, lr, weight_decay,
                  val_frac, seed, device, workers, resume, quiet):
@@ -232,16 +236,20 @@ def train_change(data, csv_path, out, backbone, heads, vocab, epochs, batch_size
     from .train.loop import TrainConfig, train_change as run
 
     try:
+        if vocab is not None and heads != "per-class":
+            raise click.UsageError("--vocab names the labels of per-class heads: add --heads "
+                                   "per-class, or leave --vocab out")
         cfg = TrainConfig(data=data, csv=csv_path, backbone=backbone, heads=heads, epochs=epochs,
                           batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_frac=val_frac,
-                          seed=seed, vocab=parse_vocabulary(vocab) if vocab else None)
+                          seed=seed, vocab=parse_vocabulary(vocab) if vocab is not None else None)
+        vocab_file = [("--vocab", vocab)] if vocab is not None and Path(vocab).exists() else []
         best = run(cfg, out, resume=resume, device=device, workers=workers, progress=not quiet,
-                   log=lambda m: click.echo(m, err=True))
-    except (SpotdiffError, ValueError, FileNotFoundError) as e:
+                   log=lambda m: click.echo(m, err=True), inputs=vocab_file)
+    except (SpotdiffError, ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     if best:
-        auc = "n/a (one class in validation)" if best["val_auc"] is None else f"{best['val_auc']:.3f}"
+        auc = "n/a (one class in validation)" if best.get("val_auc") is None else f"{best['val_auc']:.3f}"
         click.echo(f"best epoch {best['epoch']}: val AUC {auc}, best F1 "
                    f"{best['val_best_f1']:.3f} -> {out}/best.safetensors")
 

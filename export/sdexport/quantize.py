@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from sdrun.backends.cpu import cpu_info, int8_kernel, isa_summary
-from sdrun.bundle.bundle import MANIFEST, sha256_file
+from sdrun.bundle.bundle import MANIFEST, bundle_files, sha256_file
+from sdrun.files import check_output_folder, check_output_paths, replace_folder
 
 PRECISIONS = ("fp32", "int8")
 
@@ -171,13 +172,12 @@ def quantize_bundle(src: str | Path, out: str | Path, log: Callable[[str], None]
     src, out = Path(src), Path(out)
     if not (src / MANIFEST).is_file():
         raise FileNotFoundError(f"{src}: not a bundle (no {MANIFEST})")
-    if out.exists():
-        if not (out / MANIFEST).is_file():
-            raise FileExistsError(f"{out} exists and is not a bundle; refusing to overwrite it")
-        shutil.rmtree(out)
-    staging = out.parent / f".{out.name}.quantizing"
-    if staging.exists():
-        shutil.rmtree(staging)
+    inputs = [("the fp32 bundle", src)]
+    check_output_paths({"--out": out}, protected_dirs=inputs)
+    check_output_folder(out, "--out", owned=bundle_files, inputs=inputs,
+                        hint=" (a bundle quantised before is replaced)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.quantizing-")) / "bundle"
 
     def link_or_copy(s, d):
         try:
@@ -200,9 +200,10 @@ def quantize_bundle(src: str | Path, out: str | Path, log: Callable[[str], None]
 
         record_graph_memory(staging, log=log)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.parent, ignore_errors=True)
         raise
-    staging.rename(out)
+    replace_folder(staging, out, owned=bundle_files, inputs=inputs)
+    shutil.rmtree(staging.parent, ignore_errors=True)
     return out
 
 

@@ -1,7 +1,7 @@
 """Where a model comes from: a hub id, a local folder, a random preset, or none."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrun.errors import SpotdiffError
@@ -40,6 +40,12 @@ class Source:
     model: str  # owlvit | gdino | siamese | clip
     kind: str  # hub | local | preset | none
     id: str  # hub id, folder path or preset name
+    # the option that named it, for messages: --siamese (build), --backbone (train-change)
+    option: str = field(default="", compare=False)
+
+    @property
+    def flag(self) -> str:
+        return self.option or f"--{self.model}"
 
     @property
     def is_random(self) -> bool:
@@ -50,30 +56,37 @@ class Source:
 
     def hub_error(self, err: BaseException) -> SourceError:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        presets = ("--preset tiny-random / full-random" if self.flag == f"--{self.model}"
+                   else f"{self.flag} tiny-random")
         return SourceError(
             f"cannot load {TITLES[self.model]} from hub id {self.id!r} ({type(err).__name__}: "
             f"{reason[:300]}). Without network access pass {LOCAL_HINTS[self.model]} "
-            f"(--{self.model} DIR) or a preset (--preset tiny-random / full-random).")
+            f"({self.flag} DIR) or a preset ({presets}).")
 
     def local_error(self, what: str) -> SourceError:
-        return SourceError(f"cannot load {TITLES[self.model]} from {self.id}: {what}")
+        return SourceError(f"cannot load {TITLES[self.model]} from {self.flag} {self.id}: {what}")
 
 
-def parse_source(model: str, spec: str | None, preset: str | None) -> Source:
-    """Turn a `--owlvit`-style option (or its absence) into a Source."""
+def parse_source(model: str, spec: str | None, preset: str | None, option: str | None = None) -> Source:
+    """Turn a `--owlvit`-style option (or its absence) into a Source. `option`: the flag
+    the user gave it with, named in messages (default `--{model}`; e.g. `--backbone`)."""
+    flag = option or f"--{model}"
     if spec is None:
         spec = preset if preset else DEFAULT_HUB_IDS[model]
+    if not spec.strip():
+        raise SourceError(f"{flag} is empty: give {LOCAL_HINTS[model]}, a hub id or a preset "
+                          f"({'|'.join(PRESETS)})")
     if spec == "none":
         if model != "gdino":
-            raise SourceError(f"--{model} none: only Grounding DINO can be left out")
-        return Source(model, "none", "none")
+            raise SourceError(f"{flag} none: only Grounding DINO can be left out")
+        return Source(model, "none", "none", option or "")
     if spec in PRESETS:
-        return Source(model, "preset", spec)
+        return Source(model, "preset", spec, option or "")
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SourceError(f"--{model} {spec}: expected {LOCAL_HINTS[model]}, got a file")
-        return Source(model, "local", str(path.resolve()))
+            raise SourceError(f"{flag} {spec}: expected {LOCAL_HINTS[model]}, got a file")
+        return Source(model, "local", str(path.resolve()), option or "")
     if spec.startswith((".", "/", "~")) or spec.endswith(("/", "\\")):
-        raise SourceError(f"--{model} {spec}: folder not found")
-    return Source(model, "hub", spec)
+        raise SourceError(f"{flag} {spec}: folder not found")
+    return Source(model, "hub", spec, option or "")

@@ -29,10 +29,10 @@ import numpy as np
 from .backends.memory import MemoryBudget
 from .backends.session import open_graph
 from .bundle.bundle import Bundle
-from .bundle.params import GATE_SIGNALS, POST_DEFAULTS, check_combination, validate  # noqa: F401  (re-exported)
+from .bundle.params import GATE_SIGNALS, POST_DEFAULTS, resolve, validate  # noqa: F401  (re-exported)
 from .stages import detect, heatmap, preprocess
 from .stages.fusion import weighted_boxes_fusion
-from .stages.images import ImageError, as_rgb, load_image
+from .stages.images import DEFAULT_MAX_PIXELS, ImageError, as_rgb, load_image
 from .stages.matching import match_objects
 
 VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
@@ -115,22 +115,26 @@ class PairResult:
                 **({"class_probs": self.class_probs} if self.class_probs is not None else {})}
 
 
-def _image(x) -> np.ndarray:
-    return load_image(x) if isinstance(x, (str, Path)) else as_rgb(x)
+def _image(x, max_pixels: int | None) -> np.ndarray:
+    return load_image(x, max_pixels=max_pixels) if isinstance(x, (str, Path)) else as_rgb(x)
 
 
 class Pipeline:
     def __init__(self, bundle: Bundle, provider: str = "cpu", params: dict | None = None,
                  threads: int | None = None, allow_onnx_fallback: bool = False,
-                 memory_budget: MemoryBudget | int | str | None = None):
+                 memory_budget: MemoryBudget | int | str | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         """`memory_budget`: the bytes (or '6G') every model call together may use at once;
         calls larger than that run in chunks (same answers). Default: a share of the memory
-        this process can get (`sdrun.backends.memory`)."""
+        this process can get (`sdrun.backends.memory`). `max_pixels`: an image file of more
+        pixels is refused from its header, before decoding (None: no limit)."""
+        self.max_pixels = max_pixels
         self.bundle = bundle
         self.provider = provider
         self.labels = bundle.vocabulary
+        self.class_heads = bundle.has_class_heads
         self.params = {**bundle.params, **validate(params or {}, "Pipeline(params=...)")}
-        check_combination(self._merged(None), f"{bundle.root}: parameters with the overrides given")
+        resolve(self.params, None, f"{bundle.root}: parameters with the overrides given", self.class_heads)
         self.memory_budget = MemoryBudget.resolve(memory_budget, provider)
         b = bundle
 
@@ -161,11 +165,13 @@ class Pipeline:
     @classmethod
     def load(cls, bundle: str | Path | Bundle, provider: str = "cpu", params: dict | None = None,
              threads: int | None = None, allow_onnx_fallback: bool = False,
-             memory_budget: MemoryBudget | int | str | None = None) -> "Pipeline":
+             memory_budget: MemoryBudget | int | str | None = None,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Pipeline":
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
         return cls(bundle, provider=provider, params=params, threads=threads,
-                   allow_onnx_fallback=allow_onnx_fallback, memory_budget=memory_budget)
+                   allow_onnx_fallback=allow_onnx_fallback, memory_budget=memory_budget,
+                   max_pixels=max_pixels)
 
     def open_sessions(self, parallel: bool = True) -> "Pipeline":
         """Create every model's onnxruntime session now instead of at its first use (a
@@ -300,7 +306,7 @@ class Pipeline:
         if embed not in ("kept", "all"):
             raise ValueError(f"embed must be 'kept' or 'all', not {embed!r}")
         t0 = time.perf_counter()
-        images = [(_image(a), _image(b)) for _, a, b in pairs]
+        images = [(_image(a, self.max_pixels), _image(b, self.max_pixels)) for _, a, b in pairs]
         dets, views = self._detect([im for pair in images for im in pair])
         patch_maps, logits, class_probs = self.change_outputs(images)
         per_pair = params if isinstance(params, (list, tuple)) else [params] * len(images)
@@ -308,7 +314,7 @@ class Pipeline:
             raise ValueError(f"{len(per_pair)} parameter sets for {len(images)} pairs")
         heats, chosen, ims, px = [], [], [], []
         for n, (a, b) in enumerate(images):
-            p = self._merged(per_pair[n])
+            p = self.resolve_params(per_pair[n])
             pair_heats = []
             for k, im in enumerate((a, b)):
                 h, w = im.shape[:2]
@@ -341,10 +347,14 @@ class Pipeline:
     def effective_params(self) -> dict:
         """Every parameter this pipeline runs with: the bundle's, the overrides, and the
         defaults of the post-model ones the bundle lacks."""
-        return self._merged(None)
+        return self.resolve_params(None)
 
-    def _merged(self, params: dict | None) -> dict:
-        return {**POST_DEFAULTS, **self.params, **(validate(params, "params=") if params else {})}
+    def resolve_params(self, params: dict | None, source: str = "params") -> dict:
+        """This pipeline's parameters with `params` (one call's or request's overrides)
+        applied and checked as every other source of parameters is (ParamError naming
+        `source`)."""
+        return resolve(self.params, params, source, self.class_heads)
+
 
     @staticmethod
     def _fused(heat, d: Detections, boxes_px, p) -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +366,7 @@ class Pipeline:
         """Everything after the models, for one pair: fused scores, kept boxes, matching,
         label sets, "none" gates. `params` override the pipeline's for this call only.
         Raises ValueError if a box these parameters keep has no embedding in `outputs`."""
-        p = self._merged(params)
+        p = self.resolve_params(params)
         heats = outputs.heatmaps()
         objs = []
         for k, ((h, w), heat, d) in enumerate(zip(outputs.image_sizes, heats, outputs.detections)):
@@ -430,7 +440,7 @@ class Pipeline:
         loaded, results = [], {}
         for k, (pair_id, a, b) in enumerate(batch):
             try:
-                loaded.append((k, (pair_id, _image(a), _image(b))))
+                loaded.append((k, (pair_id, _image(a, self.max_pixels), _image(b, self.max_pixels))))
             except (ImageError, ValueError) as e:
                 results[k] = PairResult(pair_id=pair_id, error=str(e))
         if loaded:

@@ -21,6 +21,7 @@ import numpy as np
 from sdrun.apps.dataset import image_dir, list_pairs
 from sdrun.apps.score import read_label_csv
 from sdrun.errors import SpotdiffError
+from sdrun.files import atomic_write
 from sdrun.stages.images import ImageError, load_image
 
 SIZE = (224, 224)
@@ -94,8 +95,36 @@ def split(rows: Sequence[Row], val_frac: float, seed: int) -> tuple[list[Row], l
     return [rows[i] for i in train], [rows[i] for i in val]
 
 
+def check_both_kinds(rows: Sequence[Row], train: Sequence[Row], csv_path: str | Path,
+                     val_frac: float, seed: int) -> None:
+    """TrainDataError (naming the CSV) unless the pairs, and the training part of their
+    split, hold both kinds of weak label: changed (a label in any column) and unchanged
+    (every column empty or "none"). With one kind the change head has nothing to separate:
+    its loss falls to 0 by predicting a constant, and AUC and F1 are undefined."""
+    def one_kind(part: Sequence[Row]) -> str | None:
+        n_pos = sum(r.change > 0.5 for r in part)
+        if n_pos == 0:
+            return "unchanged (no label in added_objs, removed_objs or changed_objs)"
+        if n_pos == len(part):
+            return "changed (a label in added_objs, removed_objs or changed_objs)"
+        return None
+
+    kind = one_kind(rows)
+    if kind is not None:
+        raise TrainDataError(
+            f"{csv_path}: every one of the {len(rows)} usable pair(s) is {kind}; the change head "
+            "learns to tell changed from unchanged pairs and needs both kinds: add pairs of the "
+            "other kind")
+    kind = one_kind(train)
+    if kind is not None:
+        raise TrainDataError(
+            f"{csv_path}: the training part of the split (--val-frac {val_frac}, --seed {seed}; "
+            f"{len(train)} of {len(rows)} pairs) holds only pairs that are {kind}; the change head "
+            "needs both kinds: choose another --seed or --val-frac, or add pairs of the other kind")
+
+
 def write_split(path: Path, train: Sequence[Row], val: Sequence[Row]) -> None:
-    path.write_text(json.dumps({"train": [r.img_id for r in train], "val": [r.img_id for r in val]}) + "\n")
+    atomic_write(path, json.dumps({"train": [r.img_id for r in train], "val": [r.img_id for r in val]}) + "\n")
 
 
 def balanced_weights(rows: Sequence[Row]) -> np.ndarray:

@@ -12,30 +12,43 @@ A run folder holds:
                        and `class_head.*` with per-class heads), what
                        `sdexport build --siamese-ckpt` reads
     best.json          which epoch that was, and its metrics
+    vocabulary.json    per-class heads: the labels, in head order
+
+`--out` must be new, empty, or such a run folder holding nothing else (and then only with
+--resume); JSON files hold standard JSON only (a non-finite number is written as null).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from sdrun.errors import SpotdiffError
-from sdrun.files import atomic_write
+from sdrun.files import atomic_write, check_output_folder
 
 from ..models.siamese import SiameseViTChange, backbone_for
 from ..sources import parse_source
-from .data import PairDataset, balanced_weights, collate, read_rows, split, write_split
+from .data import (PairDataset, balanced_weights, check_both_kinds, collate, read_rows, split,
+                   write_split)
 from .losses import focal_loss_with_logits
 from .metrics import best_f1, macro_f1, roc_auc
 
 FORMAT = "spotdiff-train-change/1"
+
+# What a run writes into its folder (see the module docstring), and the temporary files
+# a run killed while writing leaves beside them.
+RUN_FILES = ("config.json", "split.json", "metrics.jsonl", "last.pt", "best.safetensors",
+             "best.json", "vocabulary.json", ".last.pt.tmp", ".best.safetensors.tmp")
+_ATOMIC_TMP = re.compile(r"\.(config\.json|split\.json|metrics\.jsonl|best\.json|vocabulary\.json)"
+                         r"\..+\.tmp")  # sdrun.files.atomic_write's
 
 
 class TrainError(SpotdiffError):
@@ -61,6 +74,189 @@ class TrainConfig:
     def compared(self) -> dict:
         """What a resumed run must share with the one it resumes."""
         return {**asdict(self), "data": str(Path(self.data).resolve()), "csv": str(Path(self.csv).resolve())}
+
+
+def read_run_config(run: Path) -> tuple[dict | None, str]:
+    """(config.json of the train-change run in `run`, "") or (None, why it is not one)."""
+    path = run / "config.json"
+    if not path.exists():
+        return None, f"no {path.name}: not a train-change run folder"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+    except json.JSONDecodeError as e:
+        return None, f"{path} is not JSON (line {e.lineno}: {e.msg})"
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        fmt = config.get("format") if isinstance(config, dict) else None
+        return None, (f"{path} is not the configuration of a train-change run (format {fmt!r}, "
+                      f"expected {FORMAT!r})")
+    return config, ""
+
+
+def run_files(run: Path) -> list[str]:
+    """The files of `run` that a train-change run wrote (`check_output_folder`'s `owned`):
+    none unless it is a run folder (its config.json has the run format), and never a
+    symbolic link (a run writes plain files; writing through a link could reach anywhere)."""
+    if read_run_config(run)[0] is None:
+        return []
+    tmp = [p.name for p in run.iterdir() if _ATOMIC_TMP.fullmatch(p.name)]
+    return [name for name in (*RUN_FILES, *tmp) if not (run / name).is_symlink()]
+
+
+def _finite(value):
+    """`value` with every non-finite float (inf, nan) replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """Standard JSON (never NaN or Infinity): non-finite numbers become null."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _score(record: dict) -> float:
+    """What picks the best epoch: validation AUC, else minus the validation loss; -inf
+    when neither is a number (a diverged epoch is never the best)."""
+    auc, loss = _number(record.get("val_auc")), _number(record.get("val_loss"))
+    return auc if auc is not None else -loss if loss is not None else -math.inf
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.heads not in ("change", "per-class"):
+        raise TrainError(f"--heads {cfg.heads!r}: choose change or per-class")
+    if cfg.vocab is not None and cfg.heads != "per-class":
+        raise TrainError("--vocab names the labels of per-class heads: add --heads per-class, "
+                         "or leave --vocab out")
+    if cfg.vocab is not None and not cfg.vocab:
+        raise TrainError("--vocab names no labels")
+    numbers = [("--epochs", cfg.epochs, 1, None), ("--batch-size", cfg.batch_size, 1, None),
+               ("--lr", cfg.lr, 0.0, None), ("--weight-decay", cfg.weight_decay, 0.0, None),
+               ("warmup_frac", cfg.warmup_frac, 0.0, 1.0)]
+    for flag, value, low, high in numbers:
+        if (not isinstance(value, (int, float)) or not math.isfinite(value) or value < low
+                or (high is not None and value > high) or (flag == "--lr" and value == 0)):
+            bounds = f"between {low} and {high}" if high is not None else (
+                "above 0" if flag == "--lr" else f"at least {low}")
+            raise TrainError(f"{flag} {value}: must be a finite number {bounds}")
+    if len(cfg.size) != 2 or any(not isinstance(v, int) or v < 32 for v in cfg.size):
+        raise TrainError(f"size {cfg.size}: expected [height, width], each at least 32")
+
+
+def _prepare_folder(run: Path, resume: bool, inputs: Sequence[tuple[str, str | Path | None]]) -> dict | None:
+    """Check `--out` before anything is read or written; returns the config.json of the
+    run to resume (None for a new run)."""
+    hint = (" (--out must be new, empty, or the folder of a train-change run holding nothing "
+            "but its own files)")
+    if resume:
+        before = None
+        if not run.exists():
+            raise TrainError(f"--resume: --out {run} does not exist, so there is no run to "
+                             "continue; check the path, or leave out --resume to start a run there")
+        if run.is_dir():
+            before, why = read_run_config(run)
+            if before is None:
+                raise TrainError(f"--resume: --out {run} holds no run to continue: {why}")
+        check_output_folder(run, "--out", owned=run_files, inputs=inputs, hint=hint)
+        return before
+    check_output_folder(run, "--out", owned=run_files, inputs=inputs, hint=hint)
+    if run.exists() and read_run_config(run)[0] is not None:
+        raise TrainError(f"--out {run} holds a train-change run already ({run / 'config.json'}); "
+                         "add --resume to continue it, or choose another --out folder")
+    return None
+
+
+def _not_ours(path: Path, why: str) -> TrainError:
+    return TrainError(f"--resume: {path} is not a checkpoint written by sdexport train-change: {why}; "
+                      "start a new run in another --out folder")
+
+
+def _load_checkpoint(path: Path, model, opt, sched, epochs: int, device: str) -> tuple[int, dict | None]:
+    """(the last finished epoch, the best record) of `last.pt`, its states loaded into
+    `model`, `opt` and `sched`; TrainError naming the file for anything else (torch's own
+    messages are not shown: a file that is no checkpoint of ours is never to be unpickled)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated, random bytes, another zip, a folder)
+        raise _not_ours(path, "it cannot be read as a torch checkpoint (truncated, or another kind of "
+                              f"file; {type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise _not_ours(path, f"it holds a {type(state).__name__}, not a dict of states")
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "best") if k not in state]
+    if missing:
+        raise _not_ours(path, f"it lacks {', '.join(missing)} (its keys: "
+                              f"{', '.join(map(repr, list(state)[:8])) or 'none'})")
+    epoch = state["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= epochs:
+        raise _not_ours(path, f"its epoch {epoch!r} is not one of 1..{epochs}")
+    try:
+        best = json.loads(state["best"]) if isinstance(state["best"], str) else state["best"]
+    except json.JSONDecodeError:
+        best = ()
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("epoch"), int)):
+        raise _not_ours(path, "its best-epoch record is not one")
+    sd, own = state["model"], model.state_dict()
+    if not isinstance(sd, dict):
+        raise _not_ours(path, f"its model is a {type(sd).__name__}, not a state dict")
+    absent = sorted(set(own) - set(sd))
+    extra = sorted(map(str, set(sd) - set(own)))
+    shapes = sorted(k for k in set(own) & set(sd)
+                    if not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(own[k].shape))
+    if absent or extra or shapes:
+        parts = [f"{what} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", absent), ("unexpected", extra),
+                                    ("other shapes for", shapes)) if keys]
+        raise _not_ours(path, "its model weights do not fit this --backbone and --heads ("
+                              + "; ".join(parts) + ")")
+    try:
+        model.load_state_dict(sd)
+        opt.load_state_dict(state["optimizer"])
+        if not isinstance(state["scheduler"], dict):
+            raise TypeError("scheduler")
+        sched.load_state_dict(state["scheduler"])
+    except Exception as e:  # noqa: BLE001
+        raise _not_ours(path, f"its optimizer or scheduler state does not fit this model "
+                              f"({type(e).__name__})") from None
+    return epoch, best
+
+
+def _read_metrics(path: Path, start: int) -> list[dict]:
+    """The records of metrics.jsonl before epoch `start`; TrainError naming the file and
+    line for a line that is not a record."""
+    if not path.is_file():
+        raise TrainError(f"--resume: {path} is missing (the run's last.pt is there); "
+                         "start a new run in another --out folder")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"--resume: {path} cannot be read "
+                         f"({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    kept = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainError(f"--resume: {path} line {n}: not a JSON record ({e.msg}, column "
+                             f"{e.colno}); fix or delete that line") from None
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise TrainError(f"--resume: {path} line {n}: not an epoch's record (no whole "
+                             "\"epoch\" number); fix or delete that line")
+        if epoch < start:
+            kept.append(record)
+    return kept
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -120,9 +316,13 @@ def _state_for_build(model: SiameseViTChange) -> dict:
 def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: str = "cpu",
                  workers: int = 0, progress: bool = True,
                  log: Callable[[str], None] | None = None,
-                 stop_after: int | None = None) -> dict:
+                 stop_after: int | None = None,
+                 inputs: Iterable[tuple[str, str | Path | None]] = ()) -> dict:
     """Train (or resume) into `run_dir`; returns the best epoch's record. `stop_after`
-    stops after that many epochs of this call (tests: a run interrupted between epochs)."""
+    stops after that many epochs of this call (tests: a run interrupted between epochs).
+    `inputs` ((what, path): e.g. the --vocab file) must not lie inside `run_dir`, nor must
+    --data, --csv or a local --backbone. Every check (the folder, the data, the backbone,
+    a checkpoint to resume) is done before anything is written."""
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader, WeightedRandomSampler
     from tqdm import tqdm
@@ -130,33 +330,28 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
     log = log or (lambda msg: print(msg, file=sys.stderr))
     run = Path(run_dir)
     config_path, last_path = run / "config.json", run / "last.pt"
-    if cfg.heads not in ("change", "per-class"):
-        raise TrainError(f"--heads {cfg.heads!r}: choose change or per-class")
+    _check_config(cfg)
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is visible to torch")
-    if resume and config_path.exists():
-        before = json.loads(config_path.read_text())
-        now = {"format": FORMAT, **cfg.compared()}
+    source = parse_source("siamese", cfg.backbone, None, option="--backbone")
+    folder_inputs = [("--data", cfg.data), ("--csv", cfg.csv), *inputs,
+                     *([("--backbone", source.id)] if source.kind == "local" else [])]
+    before = _prepare_folder(run, resume, folder_inputs)
+    now = {"format": FORMAT, **cfg.compared()}
+    if before is not None:
         diffs = [f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(before) | set(now))
                  if before.get(k) != now.get(k)]
         if diffs:
             raise TrainError(f"--resume {run}: that run was started with another configuration "
                              f"({config_path}): " + "; ".join(diffs))
-    elif not resume and last_path.exists():
-        raise TrainError(f"{run}: holds a run already (last.pt); add --resume to continue it, "
-                         "or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
 
+    # everything is read and checked before the folder is written
     per_class = cfg.heads == "per-class"
     rows, vocab = read_rows(cfg.data, cfg.csv, cfg.vocab if per_class else None, log)
     train_rows, val_rows = split(rows, cfg.val_frac, cfg.seed)  # both non-empty, or TrainDataError
-    write_split(run / "split.json", train_rows, val_rows)
-    atomic_write(config_path, json.dumps({"format": FORMAT, **cfg.compared()}, indent=2) + "\n")
-    if per_class:
-        atomic_write(run / "vocabulary.json", json.dumps(vocab) + "\n")
+    check_both_kinds(rows, train_rows, cfg.csv, cfg.val_frac, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    source = parse_source("siamese", cfg.backbone, None)
     model = SiameseViTChange(backbone_for(source), n_labels=len(vocab) if per_class else 0).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -167,24 +362,34 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
     warmup = max(1, int(cfg.warmup_frac * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
 
+    metrics_path = run / "metrics.jsonl"
+    start, best, kept = 1, None, None
+    if resume and last_path.exists():
+        last_epoch, best = _load_checkpoint(last_path, model, opt, sched, cfg.epochs, device)
+        start = last_epoch + 1
+        kept = _read_metrics(metrics_path, start)
+    elif resume:
+        log(f"resuming {run}: no epoch finished there yet, starting from the beginning")
+
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write(config_path, json.dumps(now, indent=2) + "\n")
+    write_split(run / "split.json", train_rows, val_rows)
+    if per_class:
+        atomic_write(run / "vocabulary.json", json.dumps(vocab) + "\n")
+
     train_set = PairDataset(train_rows, train=True, seed=cfg.seed, size=tuple(cfg.size))
     val_set = PairDataset(val_rows, train=False, seed=cfg.seed, size=tuple(cfg.size))
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                             collate_fn=collate)
-    metrics_path = run / "metrics.jsonl"
-    start, best = 1, None
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, best = int(state["epoch"]) + 1, json.loads(state["best"]) if state["best"] else None
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["epoch"] < start]
-        atomic_write(metrics_path, "".join(line + "\n" for line in kept))
-        log(f"resuming {run} after epoch {start - 1} of {cfg.epochs}")
+    if kept is not None:
+        atomic_write(metrics_path, "".join(to_json(r) + "\n" for r in kept))
+        if start > cfg.epochs:
+            log(f"{run}: all {cfg.epochs} epochs are done already; nothing to resume")
+        else:
+            log(f"resuming {run} after epoch {start - 1} of {cfg.epochs}")
     else:
         m0 = {"epoch": 0, **evaluate(model, val_loader, per_class, log, device), "seconds": 0.0}
-        atomic_write(metrics_path, json.dumps(m0) + "\n")
+        atomic_write(metrics_path, to_json(m0) + "\n")
         log(f"before training: val AUC {m0['val_auc']}, best F1 {m0['val_best_f1']:.3f}")
 
     weights = torch.from_numpy(balanced_weights(train_rows))
@@ -222,17 +427,18 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
                   **evaluate(model, val_loader, per_class, log, device), "skipped_pairs": skipped_total,
                   "seconds": round(time.perf_counter() - t0, 2)}
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        score = record["val_auc"] if record["val_auc"] is not None else -record["val_loss"]
-        if best is None or score > best["score"]:
+            f.write(to_json(record) + "\n")
+        score = _score(record)
+        best_score = _number(best.get("score")) if best is not None else None
+        if best is None or score > (best_score if best_score is not None else -math.inf):
             best = {"epoch": epoch, "score": score, **record}
             save_file(_state_for_build(model), str(run / ".best.safetensors.tmp"),
                       metadata={"format": FORMAT, "heads": cfg.heads, "epoch": str(epoch),
                                 "vocabulary": json.dumps(vocab if per_class else [])})
             Path(run / ".best.safetensors.tmp").replace(run / "best.safetensors")
-            atomic_write(run / "best.json", json.dumps(best, indent=2) + "\n")
+            atomic_write(run / "best.json", to_json(best, indent=2) + "\n")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch, "best": json.dumps(best)},
+                    "scheduler": sched.state_dict(), "epoch": epoch, "best": to_json(best)},
                    run / ".last.pt.tmp")
         Path(run / ".last.pt.tmp").replace(last_path)
         auc = "n/a" if record["val_auc"] is None else f"{record['val_auc']:.3f}"

@@ -36,9 +36,10 @@ class BatcherStopped(SpotdiffError):
     """The batcher does not take requests (not started, or stopping)."""
 
 
-def request_params(params, source: str = "params") -> dict:
+def request_params(params, pipe: Pipeline | None = None, source: str = "params") -> dict:
     """Per-request overrides, checked: post-model parameters only (a detector threshold
-    would change the model phase of the whole batch)."""
+    would change the model phase of the whole batch); with `pipe`, also as a whole set
+    with the pipeline's own (`Pipeline.resolve_params`), like every other source."""
     if params is None:
         return {}
     checked = validate(params, source)
@@ -47,6 +48,8 @@ def request_params(params, source: str = "params") -> dict:
         raise ParamError(f"{source}: {', '.join(model_phase)} act before the models' answers are "
                          "shared by a batch; only these can be set per request: "
                          f"{', '.join(REQUEST_PARAMS)}")
+    if pipe is not None:
+        pipe.resolve_params(checked, source)
     return checked
 
 
@@ -58,6 +61,7 @@ class _Request:
     pair_id: str | None
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
+    started: bool = False  # its batch runs (a caller leaving now no longer saves anything)
 
 
 @dataclass
@@ -69,17 +73,20 @@ class BatchTiming:
 
 class Batcher:
     def __init__(self, pipe: Pipeline, max_batch_pairs: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 64, on_batch: Callable[[int, float], None] | None = None):
+                 max_queue: int = 64, on_batch: Callable[[int, float], None] | None = None,
+                 on_drop: Callable[[], None] | None = None):
         if max_batch_pairs < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_pairs and max_queue must be >= 1, max_wait_ms >= 0")
         self.pipe = pipe
         self.max_batch_pairs, self.max_wait = max_batch_pairs, max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch  # called with (pairs, seconds) after each batch
+        self.on_drop = on_drop  # called for each queued pair never computed (caller gone, drained)
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sdrun-batch")
         self._accepting = False
+        self._draining = False
         self.batches = 0
 
     @property
@@ -101,17 +108,51 @@ class Batcher:
             self._task = None
         self._pool.shutdown(wait=True)
 
+    def drain(self) -> None:
+        """Take no more requests and answer every queued one BatcherStopped now, without
+        computing it (a stopping server); the batch in flight still finishes. Call `stop`
+        after it to end the loop."""
+        self._accepting, self._draining = False, True
+        if self._queue is None:
+            return
+        end = False
+        while True:
+            try:
+                req = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if req is None:
+                end = True
+            else:
+                self._refuse(req)
+        if end:
+            self._queue.put_nowait(None)  # type: ignore[arg-type]  (stop's end marker stays)
+
+    def _refuse(self, req: _Request) -> None:
+        if not req.future.done():  # (a caller that left was counted when it left)
+            req.future.set_exception(BatcherStopped("the service is stopping"))
+            self._dropped()
+
+    def _dropped(self) -> None:
+        if self.on_drop is not None:
+            self.on_drop()
+
     async def diff(self, a: np.ndarray, b: np.ndarray, params: dict | None = None,
                    pair_id: str | None = None) -> tuple[PairResult, BatchTiming]:
         """The result for one pair (RGB arrays), batched with other callers' pairs."""
         if not self._accepting or self._queue is None:
             raise BatcherStopped("the batcher is not running")
-        req = _Request(a, b, request_params(params), pair_id, asyncio.get_running_loop().create_future())
+        req = _Request(a, b, request_params(params, self.pipe), pair_id, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(req)
         except asyncio.QueueFull:
             raise QueueFull(f"{self.max_queue} requests are waiting already") from None
-        return await req.future
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            if not req.started:  # the caller left before its batch: it is never computed
+                self._dropped()
+            raise
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,6 +178,15 @@ class Batcher:
                     ending = True
                     break
                 batch.append(item)
+            batch = [r for r in batch if not r.future.done()]  # a caller that left costs nothing
+            if self._draining:  # formed while the service began to stop: not computed
+                for r in batch:
+                    self._refuse(r)
+                continue
+            if not batch:
+                continue
+            for r in batch:
+                r.started = True
             started = time.perf_counter()
             answers = await loop.run_in_executor(self._pool, self._run, batch)
             seconds = time.perf_counter() - started

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..files import id_file_stem
 from ..pipeline import Detections, PairOutputs, Pipeline
 
 CACHE_VERSION = 1
@@ -56,8 +56,6 @@ def pair_digest(pair_id: str, a: str | Path, b: str | Path) -> str:
     return h.hexdigest()
 
 
-def _safe(pair_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(pair_id))[:80] or "_"
 
 
 # ---- one pair <-> npz --------------------------------------------------------------
@@ -128,7 +126,7 @@ class OutputCache:
         self.folder = Path(folder) / self.key[:20] if folder else default_cache_dir(pipe)
 
     def path(self, pair_id: str, digest: str) -> Path:
-        return self.folder / f"{_safe(pair_id)}-{digest[:16]}.npz"
+        return self.folder / f"{id_file_stem(pair_id)}-{digest[:16]}.npz"
 
     def get(self, pair_id: str, digest: str) -> PairOutputs | None:
         path = self.path(pair_id, digest)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..csvfile import read_csv
 from ..errors import SpotdiffError
+from ..files import pair_id_problem
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SUBMISSION_COLUMNS = ("img_id", "added_objs", "removed_objs", "changed_objs")
@@ -50,11 +51,14 @@ class _Finder:
 
 
 def read_ids(csv_path: Path) -> list[str]:
-    """The CSV's img_id column, in order (empty cells skipped)."""
+    """The CSV's img_id column, in order (empty cells skipped); none at all is an error."""
     names, rows = read_csv(csv_path)
     if "img_id" not in names:
         raise DatasetError(f"{csv_path}: no img_id column (columns: {', '.join(names) or 'none'})")
-    return [row["img_id"].strip() for _, row in rows if (row.get("img_id") or "").strip()]
+    ids = [row["img_id"].strip() for _, row in rows if (row.get("img_id") or "").strip()]
+    if not ids:
+        raise DatasetError(f"{csv_path}: no ids (the img_id column has no values)")
+    return ids
 
 
 def list_pairs(data: str | Path, csv_path: str | Path | None = None) -> list[PairSource]:
@@ -75,11 +79,25 @@ def list_pairs(data: str | Path, csv_path: str | Path | None = None) -> list[Pai
                                     "run once, the repeat skipped"))
             continue
         seen.add(pair_id)
+        bad_id = pair_id_problem(pair_id)
+        if bad_id:  # never looked up: an id is a name, not a path
+            pairs.append(PairSource(pair_id, None, None, f"{csv_path}: {bad_id}"))
+            continue
         a, b = find(f"{pair_id}_1"), find(f"{pair_id}_2")
         missing = [f"{pair_id}_{k}.png" for k, p in ((1, a), (2, b)) if p is None]
         problem = f"{folder}: no image {' or '.join(missing)}" if missing else None
         pairs.append(PairSource(pair_id, a, b, problem))
     return pairs
+
+
+def pair_inputs(pairs) -> list[tuple[str, Path]]:
+    """Every image of `pairs` (PairSource or (id, a, b)) as (what it is, path), the inputs an
+    output path is checked against (`sdrun.files.check_output_paths`)."""
+    out = []
+    for p in pairs:
+        pair_id, a, b = (p.pair_id, p.a, p.b) if isinstance(p, PairSource) else p
+        out += [(f"pair {pair_id}'s image {k}", Path(x)) for k, x in ((1, a), (2, b)) if x is not None]
+    return out
 
 
 def label_cell(labels) -> str:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from ..bundle.vocab import normalize_label
+from ..files import id_file_stem
 from ..pipeline import COLUMNS, PairResult
 from .dataset import DatasetError, list_pairs, submission_row
 from .score import COLUMNS as CSV_COLUMNS
@@ -58,8 +59,9 @@ def load_labelled(data: str | Path, csv_path: str | Path, normalize: bool = True
         else:
             pairs.append((p.pair_id, p.a, p.b))
     if skipped:
-        warn(f"warning: {len(skipped)} of {len(truth)} labelled pair(s) have no images in {data} and are "
-             f"left out: {list_ids(skipped, 10)}")
+        first = next(iter(skipped.values()))
+        warn(f"warning: {len(skipped)} of {len(truth)} labelled pair(s) cannot run and are left out: "
+             f"{list_ids(skipped, 10)} (the first: {first})")
     if not pairs:
         raise DatasetError(f"{data}: none of the {len(truth)} pairs of {csv_path} has both images "
                            "(expected data/{id}_1.png and data/{id}_2.png)")
@@ -161,6 +163,11 @@ def _caption(img: np.ndarray, text: str) -> np.ndarray:
     return np.concatenate([img, bar], axis=0)
 
 
+def worst_picture_path(out: str | Path, pair_id: str) -> Path:
+    """Where the report draws one of the worst pairs."""
+    return Path(out) / "worst" / f"{id_file_stem(pair_id)}.png"
+
+
 def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Path, Path]],
                  header: Sequence[str] = (), worst: int = 12) -> Path:
     """Write the report folder; returns the path of report.md."""
@@ -241,7 +248,7 @@ def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Pat
         pic = render_pair(load_image(a), load_image(b), ev.results[i])
         t = ev.truth[i]
         pic = _caption(pic, "truth: " + " | ".join(f"{SHORT[c]}: {_cell(t[k])}" for k, c in enumerate(CSV_COLUMNS)))
-        name = f"worst/{_safe(i)}.png"
+        name = worst_picture_path(out, i).relative_to(out).as_posix()
         cv2.imwrite(str(out / name), pic[..., ::-1])
         md += [f"![{i}]({name})", ""]
     md += ["## Score against change", "", "![score vs change](score_vs_change.png)", "",
@@ -251,9 +258,3 @@ def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Pat
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
-
-
-def _safe(pair_id: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]", "_", pair_id)[:80] or "_"

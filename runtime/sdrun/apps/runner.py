@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import SpotdiffError
-from ..files import atomic_write
+from ..files import atomic_write, id_file_stem
 from ..pipeline import PairResult, Pipeline
 from .dataset import SUBMISSION_COLUMNS, PairSource, submission_row
 
@@ -40,6 +40,11 @@ class ResumeError(SpotdiffError):
 
 def run_record_path(details: Path) -> Path:
     return details.with_name(details.name + ".run.json")
+
+
+def viz_picture_path(viz_dir: Path, pair_id: str) -> Path:
+    """Where `--viz` draws a pair: a plain file name made from its id, inside `viz_dir`."""
+    return viz_dir / f"{id_file_stem(pair_id)}.png"
 
 
 def run_record(pipe: Pipeline) -> dict:
@@ -224,7 +229,7 @@ def run_dataset(pipe: Pipeline, pairs: list[PairSource], out_csv: Path, details:
                 if viz_dir is not None and isinstance(r, PairResult) and r.ok:
                     from .viz import save_pair_viz
 
-                    save_pair_viz(viz_dir / f"{p.pair_id}.png", p.a, p.b, r)
+                    save_pair_viz(viz_picture_path(viz_dir, p.pair_id), p.a, p.b, r)
             out.write("".join(lines))
             out.flush()
             os.fsync(out.fileno())

@@ -259,6 +259,10 @@ def write_synthetic_pairs(out_dir, n_pairs, seed=0, size=(224, 224), labels=None
         raise SynthError(f"{data}: holds {len(others)} image(s) that are not these {n_pairs} pairs "
                          f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); choose an "
                          "empty folder, or add --overwrite to delete the folder's images first")
+    labels_csv = out_dir / "labels.csv"
+    if labels_csv.exists() and not existing and not overwrite:
+        raise SynthError(f"{labels_csv}: exists beside no pairs of an earlier `sdrun synth`; it "
+                         "would be replaced: choose an empty folder, or add --overwrite")
     data.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n_pairs):

@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..bundle.params import check_value
+from ..bundle.params import check_value, combination_problem
 from ..bundle.vocab import normalize_label
 from ..errors import SpotdiffError
 from ..pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
@@ -168,6 +168,17 @@ class Sweep:
     prep_seconds: float
 
 
+def grid_configs(grid: Mapping) -> list[dict]:
+    """Every combination of the grid's values that the pipeline accepts: a det_thr no box
+    can reach with that heat_lambda is left out (it is "none" everywhere, scored apart),
+    so a winner never makes the bundle refuse its own parameters."""
+    configs = [dict(zip(SWEPT, v)) for v in itertools.product(*(grid[k] for k in SWEPT))]
+    usable = [c for c in configs if combination_problem(c) is None]
+    if not usable:
+        raise TuneError(f"no combination of the grid is usable: {combination_problem(configs[0])}")
+    return usable
+
+
 def sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str, Sets],
           grid: Mapping, progress: bool = False) -> Sweep:
     """Per-row F1 of every column for every configuration of the grid on every pair."""
@@ -188,7 +199,7 @@ def sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str
     t0 = time.perf_counter()
     preps = [_prepare(outputs[i], grid["heat_th"], label_bits) for i in ids]
     t1 = time.perf_counter()
-    configs = [dict(zip(SWEPT, v)) for v in itertools.product(*(grid[k] for k in SWEPT))]
+    configs = grid_configs(grid)
     cindex = {tuple(c[k] for k in SWEPT): n for n, c in enumerate(configs)}
     f1 = np.zeros((len(configs), 3, len(ids)))
     from tqdm import tqdm
@@ -222,7 +233,9 @@ def sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str
                                     _or(p.bits[0], (i for i in ia.tolist() if i not in matched_a)),
                                     _or(p.bits[0], ia[rows[ch]].tolist()))
                         done[key] = [_f1_bits(sets[k], tb[k]) for k in range(3)]
-                    f1[cindex[(det, iou_thr, alpha, lam, th)], :, n] = done[key]
+                    c = cindex.get((det, iou_thr, alpha, lam, th))
+                    if c is not None:
+                        f1[c, :, n] = done[key]
     t2 = time.perf_counter()
     truth_empty = np.array([[0.0 if truth[i][k] else 1.0 for i in ids] for k in range(3)])
     signals = {s: np.array([p.signal[s] for p in preps], np.float64) for s in GATE_SIGNALS}

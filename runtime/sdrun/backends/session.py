@@ -56,6 +56,8 @@ class OnnxModel:
                                 f"{', '.join(PROVIDERS)}")
         self.provider = provider
         self.device = device
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ProviderError(f"threads={threads!r}: give a whole number of at least 1 (None: one per core)")
         self.threads = default_threads() if threads is None else threads
         self._session = None
         self._lock = threading.Lock()

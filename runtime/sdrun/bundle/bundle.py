@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import BundleError
 from ..files import atomic_write
 from .digests import DigestCache, sha256_file  # noqa: F401  (sha256_file: used by sdexport)
+from .params import check_combination
 from .params import validate as validate_params
 
 SCHEMA_VERSION = 1
@@ -175,7 +176,15 @@ class Bundle:
         rel = self.manifest.get("params_file")
         if not rel:
             raise BundleError(f"{self.root / MANIFEST}: no params_file")
-        return validate_params(self.json(rel), str(self.path(rel)), complete=True)
+        source = str(self.path(rel))
+        params = validate_params(self.json(rel), source, complete=True)
+        check_combination(params, source, self.has_class_heads)
+        return params
+
+    @property
+    def has_class_heads(self) -> bool:
+        """Whether the Siamese graph also gives per-class change probabilities."""
+        return "class_heads" in self.manifest.get("models", {}).get("siamese", {})
 
     @property
     def content_id(self) -> str:
@@ -187,6 +196,27 @@ class Bundle:
             if rel != params:
                 h.update(f"{rel}\0{meta.get('sha256') if isinstance(meta, dict) else meta}\n".encode())
         return h.hexdigest()
+
+
+def bundle_files(root: str | Path) -> set[str]:
+    """Every file (relative POSIX path) an earlier `sdexport build` or `sdrun tune` wrote in
+    the bundle folder `root`, from its manifest: what a rebuild may replace. Empty when
+    there is no readable manifest."""
+    root = Path(root)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(manifest, dict):
+        return set()
+    owned = {MANIFEST}
+    for table in ("files", "source_files"):
+        if isinstance(manifest.get(table), dict):
+            owned.update(manifest[table])
+    owned.update(rel for rel in Bundle._named_files(manifest) if isinstance(rel, str))
+    if isinstance(manifest.get("params_file"), str):
+        owned.add(manifest["params_file"] + ".bak")  # `write_params`' backup
+    return owned
 
 
 def write_params(root: str | Path, params: dict[str, Any], backup: bool = True) -> Path:
@@ -201,12 +231,14 @@ def write_params(root: str | Path, params: dict[str, Any], backup: bool = True) 
     restores a bundle that loads. Returns the path of the parameters file."""
     root = Path(root)
     mpath = root / MANIFEST
-    manifest = Bundle.load(root, verify=False).manifest
+    bundle = Bundle.load(root, verify=False)
+    manifest = bundle.manifest
     rel = manifest.get("params_file")
     if not rel or rel not in manifest["files"]:
         raise BundleError(f"{mpath}: no params_file listed in 'files'")
     path = resolve_inside(root, rel)
     params = validate_params(params, f"parameters for {path}", complete=True)
+    check_combination(params, f"parameters for {path}", bundle.has_class_heads)
     data = (json.dumps(params, indent=2, allow_nan=False) + "\n").encode()
     if backup and path.exists():
         atomic_write(path.with_name(path.name + ".bak"), path.read_bytes())

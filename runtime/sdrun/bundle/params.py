@@ -1,10 +1,12 @@
 """The pipeline's parameters: what each one is, and checking values in one place.
 
-Every way a parameter reaches the pipeline goes through `validate` (or `check_value`
-for one value): a bundle's `params.json` (at load), `--param NAME=VALUE`, a `sdrun tune`
-grid, the `params` of `Pipeline(...)` and `Pipeline.finish(...)`. A bad value is a
-`ParamError` that names its source (the file or the flag), the key and the value, never
-a numpy error (or silently empty answers) later, pair after pair.
+Every way a parameter reaches the pipeline goes through `resolve` (each value through
+`check_value`, the set through `check_combination`): a bundle's `params.json` (at load and
+before `sdrun tune` writes it), `--param NAME=VALUE`, a `sdrun tune` grid, a service
+request's `params`, the `params` of `Pipeline(...)` and `Pipeline.finish(...)`. A bad
+value is a `ParamError` that names its source (the file, the flag or the request field),
+the key and the value, never a numpy error (or silently empty answers) later, pair after
+pair.
 """
 from __future__ import annotations
 
@@ -120,12 +122,40 @@ def validate(params: Any, source: str, complete: bool = False) -> dict[str, Any]
     return out
 
 
-def check_combination(params: Mapping[str, Any], source: str) -> None:
-    """Checks across parameters of one complete set: a det_thr no box can reach."""
+def combination_problem(params: Mapping[str, Any], class_heads: bool | None = None) -> str | None:
+    """What is wrong across the parameters of one complete set (None: nothing): a det_thr no
+    box can reach, or per-class head settings for a bundle without heads (`class_heads`
+    False; None: not known, not checked)."""
     det, lam = params.get("det_thr"), params.get("heat_lambda")
     if det is not None and lam is not None and det > 1.0 + lam:
-        raise ParamError(f"{source}: det_thr={det:g} keeps no box: fused scores are at most "
-                         f"1 + heat_lambda = {1.0 + lam:g}")
+        return (f"det_thr={det:g} keeps no box: fused scores are at most "
+                f"1 + heat_lambda = {1.0 + lam:g}")
+    if class_heads is False:
+        used = [k for k in ("class_thr_added", "class_thr_removed", "class_thr_changed")
+                if params.get(k) is not None]
+        if params.get("class_mode", "detectors") != "detectors":
+            used.insert(0, f"class_mode={params['class_mode']}")
+        if used:
+            return (f"{', '.join(used)}: this bundle's Siamese graph has no per-class change heads "
+                    "(build it with a checkpoint of `sdexport train-change --heads per-class`)")
+    return None
+
+
+def check_combination(params: Mapping[str, Any], source: str, class_heads: bool | None = None) -> None:
+    """ParamError naming `source` when `combination_problem` finds something."""
+    problem = combination_problem(params, class_heads)
+    if problem:
+        raise ParamError(f"{source}: {problem}")
+
+
+def resolve(base: Mapping[str, Any], overrides: Any, source: str,
+            class_heads: bool | None = None) -> dict[str, Any]:
+    """The complete set a pipeline runs with: the post-model defaults, `base` (already
+    checked: a bundle's parameters) and `overrides` (checked here), then the checks across
+    parameters. The one gate for every source of parameters; errors name `source`."""
+    merged = {**POST_DEFAULTS, **base, **(validate(overrides, source) if overrides else {})}
+    check_combination(merged, source, class_heads)
+    return merged
 
 
 def parse_overrides(items: Sequence[str], source: str = "--param") -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import MEMORY_BUDGET, PROVIDER, THREADS, load_pipeline
+from .options import MAX_PIXELS, MEMORY_BUDGET, PROVIDER, THREADS, load_pipeline
 
 DATA = click.option("--data", required=True, type=click.Path(file_okay=False),
                     help="Folder with data/{id}_1.png and data/{id}_2.png (or the images directly).")
@@ -85,6 +85,7 @@ def register(group) -> None:
     @PROVIDER
     @THREADS
     @MEMORY_BUDGET
+    @MAX_PIXELS
     @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
                   help="Override a bundle parameter (repeatable), e.g. det_thr=0.3.")
     @QUIET
@@ -99,14 +100,18 @@ def register(group) -> None:
         with the synonym map unless --raw-labels.
         """
 
-        from ..apps.evaluate import REPORT_FILES, evaluate, load_labelled, write_report
+        from ..apps.dataset import pair_inputs
+        from ..apps.evaluate import REPORT_FILES, evaluate, load_labelled, worst_picture_path, write_report
         from ..apps.tune import split_ids
         from ..files import check_output_paths
 
-        check_output_paths({f"--out {name}": Path(out) / name for name in REPORT_FILES},
-                           [("the --csv file", Path(csv_path))], [("the bundle", Path(bundle))])
         pipe = load_pipeline(bundle, provider, threads, params)
         lab = load_labelled(data, csv_path, normalize=not raw_labels, warn=_warn)
+        check_output_paths({**{f"--out {name}": Path(out) / name for name in REPORT_FILES},
+                            **{f"--out worst picture of pair {i}": worst_picture_path(out, i)
+                               for i, _, _ in lab.pairs}},
+                           [("the --csv file", Path(csv_path)), *pair_inputs(lab.pairs)],
+                           [("the bundle", Path(bundle))])
         pairs = lab.pairs
         split = "every pair"
         if val_frac > 0:
@@ -178,6 +183,7 @@ def register(group) -> None:
     @PROVIDER
     @THREADS
     @MEMORY_BUDGET
+    @MAX_PIXELS
     @QUIET
     def tune(bundle, data, csv_path, val_frac, seed, grid_file, top, dry_run, force, json_out, cache_dir,
              raw_labels, batch_pairs, provider, threads, quiet):
@@ -196,12 +202,19 @@ def register(group) -> None:
         and does not lose on the validation pairs (--force: write anyway); `sdrun run` then
         uses it.
         """
+        from ..apps.dataset import pair_inputs
         from ..apps.evaluate import load_labelled
         from ..apps.tune import SWEPT, load_grid, run_tune, table, write_choice
+        from ..files import atomic_write, check_output_paths
 
         grid = load_grid(grid_file)
         pipe = load_pipeline(bundle, provider, threads)
         lab = load_labelled(data, csv_path, normalize=not raw_labels, warn=_warn)
+        check_output_paths({"--json": Path(json_out) if json_out else None},
+                           [("the --csv file", Path(csv_path)),
+                            *([("the --grid file", Path(grid_file))] if grid_file else []),
+                            *pair_inputs(lab.pairs)],
+                           [("the bundle", Path(bundle))])
         s = run_tune(pipe, lab, val_frac=val_frac, seed=seed, grid=grid, cache_dir=cache_dir,
                      batch_pairs=batch_pairs, progress=not quiet, warn=_warn)
         n_pairs = s.n_train + s.n_val
@@ -267,7 +280,7 @@ def register(group) -> None:
             verdict += f"; written to {path} (previous parameters in {path.name}.bak)"
         click.echo(verdict)
         if json_out:
-            Path(json_out).write_text(json.dumps({
+            atomic_write(json_out, json.dumps({
                 "pairs": {"train": s.n_train, "val": s.n_val}, "val_frac": val_frac, "seed": seed,
                 "current": {"params": s.current, "train": s.current_train, "val": s.current_val},
                 "all_none": {"train": s.none_train, "val": s.none_val},

@@ -17,7 +17,16 @@ from ..backends.memory import GraphCost, MemoryBudget, format_size
 from ..bundle.bundle import Bundle
 from ..errors import SpotdiffError
 from . import eval as eval_commands
-from .options import MEMORY_BUDGET, PARAM, PROVIDER, THREADS, load_pipeline, memory_budget
+from .options import (
+    MAX_PIXELS,
+    MEMORY_BUDGET,
+    PARAM,
+    PROVIDER,
+    THREADS,
+    load_pipeline,
+    max_pixels,
+    memory_budget,
+)
 
 
 class _Group(click.Group):
@@ -158,16 +167,16 @@ def check_run_paths(bundle, pairs, csv_path, out, details, viz_dir) -> None:
     the ids CSV, a file of the bundle, or each other."""
     from pathlib import Path
 
-    from ..apps.runner import run_record_path
+    from ..apps.dataset import pair_inputs
+    from ..apps.runner import run_record_path, viz_picture_path
     from ..files import check_output_paths
 
     outputs = {"--out": out, "--details": details,
                "the run record of --details": run_record_path(details)}
     if viz_dir is not None:
-        outputs.update({f"the --viz picture of pair {p.pair_id}": viz_dir / f"{p.pair_id}.png"
-                        for p in pairs})
-    inputs = [(f"pair {p.pair_id}'s input image", path)
-              for p in pairs for path in (p.a, p.b) if path is not None]
+        outputs.update({f"the --viz picture of pair {p.pair_id}": viz_picture_path(viz_dir, p.pair_id)
+                        for p in pairs if not p.problem})
+    inputs = pair_inputs(pairs)
     if csv_path:
         inputs.append(("the --csv file", Path(csv_path)))
     check_output_paths(outputs, inputs, [("the bundle", Path(bundle))])
@@ -207,6 +216,7 @@ def check_run_paths(bundle, pairs, csv_path, out, details, viz_dir) -> None:
 @PROVIDER
 @THREADS
 @MEMORY_BUDGET
+@MAX_PIXELS
 @PARAM
 def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, force_rerun, quiet,
         engine, address, actors, cpus_per_actor, gpus_per_actor, provider, threads, params):
@@ -260,6 +270,7 @@ def run(bundle, data, csv_path, out, details, viz_dir, batch_pairs, resume, forc
 @PROVIDER
 @THREADS
 @MEMORY_BUDGET
+@MAX_PIXELS
 @PARAM
 def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
     """What changed from IMAGE_A to IMAGE_B: added, removed and changed labels."""
@@ -272,7 +283,7 @@ def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
         check_output_paths({"--viz": Path(viz)}, [("IMAGE_A", Path(image_a)), ("IMAGE_B", Path(image_b))],
                            [("the bundle", Path(bundle))])
     pipe = load_pipeline(bundle, provider, threads, params).open_sessions()
-    a, b = load_image(image_a), load_image(image_b)
+    a, b = load_image(image_a, max_pixels=max_pixels()), load_image(image_b, max_pixels=max_pixels())
     r = pipe.diff(a, b)
     if viz:
         from ..apps.viz import save_pair_viz
@@ -324,13 +335,20 @@ def synth(out, n_pairs, seed, size, overwrite):
               help="Requests that may wait; beyond it the service answers 503 with Retry-After.")
 @click.option("--max-bytes", default=32 * 2**20, show_default=True, type=click.IntRange(1),
               help="Largest request body; bigger is 413.")
+@MAX_PIXELS
+@click.option("--read-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds a request's head, and then its body, may take to arrive; a slower "
+                   "head closes the connection, a slower body is 408.")
+@click.option("--shutdown-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="On SIGTERM: seconds the batch in flight may take to finish before the "
+                   "service exits anyway (queued requests are answered 503 at once).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @PROVIDER
 @THREADS
 @MEMORY_BUDGET
-def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes, log_level,
-          provider, threads):
+def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes,
+          read_timeout, shutdown_timeout, log_level, provider, threads):
     """Serve BUNDLE over HTTP: POST /v1/diff with two images, batched across callers.
 
     \b
@@ -338,9 +356,10 @@ def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes
       curl -F image_a=@a.png -F image_b=@b.png -F 'params={"det_thr": 0.3}' ...
       curl -o diff.png -F image_a=@a.png -F image_b=@b.png '.../v1/diff?viz=1'
 
-    Also GET /healthz, /readyz (503 until the bundle is loaded and warmed), /metrics
-    (Prometheus) and /v1/info. SIGTERM or Ctrl-C: stop accepting, finish the queue, exit.
-    Needs the `serve` extra: pip install 'spotdiff[serve]'.
+    Also GET /healthz, /readyz (503 while the bundle loads: the socket opens at once),
+    /metrics (Prometheus) and /v1/info. SIGTERM or Ctrl-C: stop accepting, answer the
+    queued requests 503, finish the batch in flight, exit. Needs the `serve` extra:
+    pip install 'spotdiff[serve]'.
     """
     from ..bundle.bundle import Bundle
 
@@ -353,8 +372,9 @@ def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes
     run_server(ServeConfig(bundle=bundle, provider=provider, threads=threads,
                            memory_budget=memory_budget(),
                            max_batch_pairs=max_batch_pairs, max_wait_ms=max_wait_ms,
-                           max_queue=max_queue, max_bytes=max_bytes), host=host, port=port,
-               log_level=log_level)
+                           max_queue=max_queue, max_bytes=max_bytes, max_pixels=max_pixels(),
+                           read_timeout_s=read_timeout, shutdown_timeout_s=shutdown_timeout),
+               host=host, port=port, log_level=log_level)
 
 
 eval_commands.register(main)  # score, eval, tune

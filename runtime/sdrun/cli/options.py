@@ -34,8 +34,8 @@ def PROVIDER(f):  # noqa: N802  (used like the other option decorators)
                              "provider that is absent is an error, never a CPU run.")(f)
 
 
-THREADS = click.option("--threads", type=int, default=None,
-                       help="onnxruntime intra-op threads (default: one per core).")
+THREADS = click.option("--threads", type=click.IntRange(1), default=None,
+                       help="onnxruntime intra-op threads, at least 1 (default: one per core).")
 
 _BUDGET_KEY = "sdrun.memory_budget"
 
@@ -76,4 +76,49 @@ def load_pipeline(bundle, provider, threads, params=()):
     ctx = click.get_current_context(silent=True)
     fallback = bool(ctx and ctx.meta.get(_FALLBACK_KEY))
     return Pipeline.load(bundle, provider=provider, threads=threads, params=parse_params(params),
-                         allow_onnx_fallback=fallback, memory_budget=memory_budget())
+                         allow_onnx_fallback=fallback, memory_budget=memory_budget(),
+                         max_pixels=max_pixels())
+
+
+def _pixels(ctx, param, value):
+    if value is None or str(value).strip().lower() in ("none", "off", "0"):
+        return None
+    text = str(value).strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    try:
+        n = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a number of pixels like 50M or 40000000, or 'none'") from None
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: at least 1 pixel, or 'none' for no limit")
+    return int(n)
+
+
+def _default_max_pixels() -> str:
+    from ..stages.images import DEFAULT_MAX_PIXELS
+
+    return f"{DEFAULT_MAX_PIXELS // 10**6}M"
+
+
+_PIXELS_KEY = "sdrun.max_pixels"
+
+
+def _remember_pixels(ctx, param, value):
+    ctx.meta[_PIXELS_KEY] = value = _pixels(ctx, param, value)
+    return value
+
+
+def max_pixels():
+    """The --max-pixels of the current command (None: no limit; the default when the
+    command has no such option)."""
+    from ..stages.images import DEFAULT_MAX_PIXELS
+
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_PIXELS_KEY, DEFAULT_MAX_PIXELS) if ctx else DEFAULT_MAX_PIXELS
+
+
+MAX_PIXELS = click.option(
+    "--max-pixels", default=_default_max_pixels, show_default=True, callback=_remember_pixels, metavar="N",
+    expose_value=False,
+    help="Refuse an image of more pixels (width x height, read from its header before "
+         "decoding), e.g. 50M; 'none': no limit. A 60 KB file can claim 8000x8000 pixels.")
