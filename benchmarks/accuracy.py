@@ -7,10 +7,11 @@
 On the same pairs, every contender (the optimised PyTorch pipeline, sdrun fp32, sdrun
 int8) is compared with the PyTorch reference (`sdexport.reference`, fp32): the share of
 pairs whose three label sets (added, removed, changed) are identical, per column too; the
-kept objects paired per image (equal labels, Hungarian on box and score distance, IoU >= 0.5), the IoU of paired boxes, how
-many objects have no partner, and the differences of detector and fused scores and of the
-change logit. `--from-latency` reuses the answers a latency run recorded (the same pairs,
-no second run). Writes accuracy_<bundle>.json/.md/.png and prints the table last.
+kept objects paired per image (equal labels, Hungarian on box and score distance,
+IoU >= 0.5), the IoU of paired boxes, how many objects have no partner, and the
+differences of detector and fused scores and of the change logit. `--from-latency`
+reuses the answers a latency run recorded (the same pairs, no second run). Writes
+accuracy_<bundle>.json/.md/.png and prints the table last.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (first: thread settings before torch)
-import numpy as np
 from common import (
     CONTENDERS,
     add_common_args,
@@ -37,7 +37,11 @@ from common import (
     save_figure,
     save_partial,
 )
+
+import numpy as np
 from scipy.optimize import linear_sum_assignment
+
+from sdrun.csvfile import COLUMNS
 
 MATCH_IOU = 0.5
 
@@ -47,14 +51,15 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = iw * ih
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    def area(x):
+        return (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
     union = area(a) + area(b) - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def compare(ref: dict, run: dict) -> dict:
     """One pair: `run`'s answer against the reference's."""
-    cols = {c: ref[c] == run[c] for c in ("added", "removed", "changed")}
+    cols = {c: ref[c] == run[c] for c in COLUMNS}
     ious, dscore, dfused, dbox = [], [], [], []
     unmatched_ref = unmatched_run = 0
     for image in (1, 2):
@@ -94,7 +99,8 @@ def summarise(per_pair: dict[str, list[dict]]) -> dict:
     out = {}
     for name, rows in per_pair.items():
         n = len(rows)
-        cat = lambda k: [v for r in rows for v in r[k]]  # noqa: E731
+        def cat(k, rows=rows):
+            return [v for r in rows for v in r[k]]
         ious, ds, df, db = cat("iou"), cat("score_diff"), cat("fused_diff"), cat("box_err_px")
         n_ref = sum(r["objects_ref"] for r in rows)
         out[name] = {
@@ -102,7 +108,7 @@ def summarise(per_pair: dict[str, list[dict]]) -> dict:
             "identical_pairs": sum(r["identical"] for r in rows),
             "identical_share": sum(r["identical"] for r in rows) / n if n else None,
             "column_share": {c: sum(r["columns"][c] for r in rows) / n
-                             for c in ("added", "removed", "changed")} if n else {},
+                             for c in COLUMNS} if n else {},
             "objects_ref": n_ref, "objects_run": sum(r["objects_run"] for r in rows),
             "matched_share": (sum(r["matched"] for r in rows) / n_ref) if n_ref else None,
             "unmatched_ref": sum(r["unmatched_ref"] for r in rows),
@@ -128,7 +134,9 @@ def answers_from_latency(path: Path) -> tuple[list[str], dict[str, dict[str, dic
 
 
 def run(args) -> dict:
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
     bundle = args.bundle
     report = {"benchmark": "accuracy", "bundle": str(bundle), "bundle_label": bundle_label(bundle),
               "machine": machine(), "reference": "sdexport.reference.ReferencePipeline (PyTorch fp32)",
@@ -191,7 +199,7 @@ def markdown(report: dict) -> str:
     for name, v in s.items():
         cs = v["column_share"]
         rows.append([name, f"{v['identical_pairs']}/{v['pairs']} ({100 * v['identical_share']:.0f}%)",
-                     " / ".join(f"{100 * cs[c]:.0f}%" for c in ("added", "removed", "changed")),
+                     " / ".join(f"{100 * cs[c]:.0f}%" for c in COLUMNS),
                      f"{v['objects_run']} / {v['objects_ref']}",
                      _f(v["matched_share"], "{:.1%}"), _f(v["iou_mean"], "{:.4f}"),
                      _f(v["iou_min"], "{:.4f}"), _f(v["box_err_px_max"], "{:.2f}"),

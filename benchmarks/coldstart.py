@@ -121,7 +121,9 @@ def trial(kind: str, bundle: Path, first_pair: bool, provider: str = "cpu",
 
 
 def run(args) -> dict:
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:

@@ -20,16 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import contextlib
+import functools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_PAIRS = ROOT.parent / "shared" / "data" / "octwave" / "pairs"
@@ -161,8 +161,8 @@ SDRUN_FUNCTIONS = {
     "sdrun.stages.heatmap": {"heat fusion": ["upsample_heat", "hot_share", "fuse_scores", "change_score"]},
     "sdrun.stages.matching": {"matching": ["match_objects"]},
 }
-MODEL_STAGES = {"owl_image": "OWL-ViT", "gdino": "Grounding DINO", "siamese": "Siamese",
-                "clip": "CLIP"}
+MODEL_STAGES = {"owlvit": "OWL-ViT", "gdino": "Grounding DINO", "siamese": "Siamese",
+                "clip": "CLIP"}  # the bundle's model name -> its stage
 STAGE_ORDER = ["preprocess", "OWL-ViT", "Grounding DINO", "decode", "WBF", "Siamese",
                "heat fusion", "CLIP", "matching", "other"]
 
@@ -184,10 +184,10 @@ def instrument_sdrun_modules(timer: StageTimer = TIMER) -> None:
 
 def instrument_pipeline(pipe, timer: StageTimer = TIMER) -> None:
     """Time every onnxruntime model call of an sdrun Pipeline under its model's stage."""
-    for attr, stage in MODEL_STAGES.items():
-        model = getattr(pipe, attr, None)
-        if model is not None and callable(getattr(model, "run", None)):
-            model.run = timer.wrap(model.run, stage)
+    for name, stage in MODEL_STAGES.items():
+        adapter = pipe.models.get(name)
+        if adapter is not None:
+            adapter.graph.run = timer.wrap(adapter.graph.run, stage)
 
 
 def instrument_reference(ref, timer: StageTimer = TIMER) -> None:
@@ -370,7 +370,7 @@ def write_outputs(out_dir: Path, name: str, report: dict, markdown: str, plot=No
     if plot is not None:
         try:
             plot(out_dir / f"{name}.png")
-        except Exception as e:  # noqa: BLE001 - a chart must not lose the numbers
+        except Exception as e:  # a chart must not lose the numbers
             print(f"warning: no chart ({type(e).__name__}: {e})", file=sys.stderr)
 
 

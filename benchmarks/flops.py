@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (first: thread settings)
-import numpy as np
 from common import RESULTS, THREADS, machine, md_table, write_outputs
+
+import numpy as np
 
 MATMUL = {"MatMul", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
           "QLinearMatMul"}

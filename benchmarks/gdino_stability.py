@@ -19,8 +19,9 @@ import argparse
 from pathlib import Path
 
 import common  # noqa: F401
-import numpy as np
 from common import RESULTS, THREADS, machine, make_pairs, md_table, write_outputs
+
+import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
             views = [np.ascontiguousarray(im), np.ascontiguousarray(im[:, ::-1])] * 2
             single = [fast._gdino_views([v])[0] for v in views]      # one view per call
             batched = fast._gdino_views(views)                         # all four in one call
-            ort = pipe._gdino(views)                                   # onnxruntime, one call
+            ort = pipe.models["gdino"].detect(views, pipe.params)          # onnxruntime, one call
             ort = [(d.boxes, d.scores, d.labels) for d in ort]
             for name, x, y in (("torch 1-per-call vs torch batch 4", single, batched),
                                ("torch 1-per-call vs onnxruntime batch 4", single, ort),
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
                              f"{r['box_max']:.2e}", f"{r['score_max']:.2e}"])
             # views 0 and 2 are the same image: batch position alone
             same = compare(batched[0], batched[2])
-            raw.append({"pair": pid, "image": k, "comparison": "torch batch 4: view 0 vs the same image at view 2", **same})
+            raw.append({"pair": pid, "image": k,
+                        "comparison": "torch batch 4: view 0 vs the same image at view 2", **same})
             rows.append([f"{pid}/{k}", "torch batch 4: same image, positions 0 and 2",
                          str(same["n"][0]), same["unpaired"], f"{same['box_max']:.2e}", f"{same['score_max']:.2e}"])
     report = {"benchmark": "gdino_stability", "bundle": str(args.bundle), "machine": machine(),

@@ -65,20 +65,20 @@ def cmd_env(a):
         try:
             m = __import__(mod)
             out[mod] = getattr(m, "__version__", "?")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out[mod] = f"absent ({type(e).__name__}: {str(e)[:120]})"
     try:
         import importlib.metadata as md
 
         from cuda.bindings import runtime  # noqa: F401
         out["cuda-bindings"] = md.version("cuda-bindings")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["cuda-bindings"] = f"absent ({e})"
     try:
         import onnxruntime as ort
 
         out["onnxruntime_providers"] = ort.get_available_providers()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     try:
         import torch
@@ -92,13 +92,13 @@ def cmd_env(a):
             out["torch_cuda_version"] = torch.version.cuda
             out["torch_allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
             out["torch_allow_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["torch_cuda"] = f"error {e}"
     try:
         from sdrun.backends.trt import current_key
 
         out["engine_key_fp16"] = current_key("fp16")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["engine_key_fp16"] = f"unavailable: {e}"
     write(a.out, out)
 
@@ -217,15 +217,15 @@ def cmd_latency(a):
             name = f"{model}/{graph}"
             try:
                 sess = sessions(bundle, root, backend, model, graph)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 res["errors"][f"{backend} {name}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 continue
             for pairs in a.pairs:
                 n = PER_PAIR[(model, graph)] * pairs
                 feeds = graph_inputs(bundle, model, graph, n)
                 try:
-                    t = timed(lambda s=sess: s.run(feeds), min_s=a.min_s)
-                except Exception as e:  # noqa: BLE001
+                    t = timed(lambda s=sess, f=feeds: s.run(f), min_s=a.min_s)
+                except Exception as e:
                     res["errors"][f"{backend} {name} x{pairs}"] = f"{type(e).__name__}: {str(e)[:300]}"
                     continue
                 res["graphs"].setdefault(backend, {}).setdefault(name, {})[str(pairs)] = {
@@ -249,7 +249,7 @@ def cmd_latency(a):
         for backend, provider in (("trt-fp16", "tensorrt:fp16"), ("ort-cuda", "cuda")):
             try:
                 pipe = Pipeline.load(bundle, provider=provider)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 res["errors"][f"e2e {backend}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 continue
             for bp in a.pairs:
@@ -286,7 +286,7 @@ def _any_pairs(data):
     return [(p.pair_id, p.a, p.b) for p in list_pairs(data)]
 
 
-def PER_PAIR_JSON():  # noqa: N802
+def PER_PAIR_JSON():
     return {f"{m}/{g}": k for (m, g), k in PER_PAIR.items()}
 
 
@@ -309,7 +309,7 @@ def cmd_tflops(a):
             with torch.no_grad(), FlopCounterMode(display=False) as fc:
                 module(*[torch.from_numpy(feeds[k]).cuda() for k in names])
             flops = fc.get_total_flops()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res["errors"][name] = f"flop count: {type(e).__name__}: {str(e)[:300]}"
             continue
         entry = {"gflops_per_batch": flops / 1e9, "backends": {}}
@@ -317,13 +317,13 @@ def cmd_tflops(a):
             try:
                 sess = (TorchRunner(module, names, backend == "torch-fp16")
                         if backend.startswith("torch") else sessions(bundle, root, backend, model, graph))
-                t = timed(lambda s=sess: s.run(feeds), min_s=a.min_s)
+                t = timed(lambda s=sess, f=feeds: s.run(f), min_s=a.min_s)
                 # engine-only time: device-resident inputs would remove the copies; report both
                 tf = flops / (t["median_ms"] / 1e3) / 1e12
                 entry["backends"][backend] = {**t, "tflops": tf,
                                               "share_of_matmul_rate": (tf / peak) if peak else None}
                 print(f"{name} {backend}: {t['median_ms']:.2f} ms, {tf:.1f} TFLOP/s", flush=True)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 entry["backends"][backend] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         res["encoders"][name] = entry
         write(a.out, res)
@@ -346,7 +346,7 @@ def cmd_agree(a):
             pipe = Pipeline.load(bundle, provider=provider)
             labels[provider] = [(tuple(r.added), tuple(r.removed), tuple(r.changed))
                                 for r in pipe.run(pairs, batch_pairs=8)]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res["errors"][provider] = f"{type(e).__name__}: {str(e)[:300]}"
         if provider != "tensorrt:fp16" and provider in labels:
             res["reference"] = provider
@@ -395,7 +395,7 @@ def main(argv=None):
     try:
         {"env": cmd_env, "matmul": cmd_matmul, "latency": cmd_latency, "tflops": cmd_tflops,
          "agree": cmd_agree}[a.cmd](a)
-    except Exception:  # noqa: BLE001
+    except Exception:
         traceback.print_exc()
         if getattr(a, "out", None):
             write(a.out + ".error.json", {"error": traceback.format_exc()[-3000:]})

@@ -11,18 +11,18 @@ interleaved per graph.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
 import common  # noqa: F401  (threads)
+from common import RESULTS, THREADS, machine, md_table, write_outputs
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from common import RESULTS, THREADS, machine, md_table, write_outputs  # noqa: E402
+import numpy as np
 
 GRAPHS = (("owlvit", "image"), ("gdino", "model"), ("siamese", "pair"), ("clip", "visual"))
 GiB = 2**30

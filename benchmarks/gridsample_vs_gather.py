@@ -8,18 +8,17 @@ canvas), checked against each other, and timed interleaved (median of --repeats)
 """
 from __future__ import annotations
 
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import common  # noqa: F401  (threads, before torch)
+from common import RESULTS, THREADS, machine, md_table, write_outputs
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common import RESULTS, THREADS, machine, md_table, write_outputs  # noqa: E402
+import numpy as np
+import torch
 
 
 class GridSample(torch.nn.Module):

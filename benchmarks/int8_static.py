@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (first: thread settings)
-import numpy as np
 from common import RESULTS, THREADS, machine, make_pairs, md_table, median, write_outputs
+
+import numpy as np
 
 QUANTISED_PARTS = ("/backbone/", "/model/model/encoder/")
 
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for k, s in sessions.items():
                 t0 = time.perf_counter()
-                out = s.run(None, feed)
+                s.run(None, feed)
                 times[k].append(time.perf_counter() - t0)
         for k, s in sessions.items():
             run = dict(zip(["logits", "pred_boxes"], s.run(None, feed)))

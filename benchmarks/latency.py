@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (first: OMP_WAIT_POLICY and threads before torch)
-import numpy as np
 from common import (
     CONTENDERS,
     FAIRNESS_NOTE,
@@ -53,6 +52,8 @@ from common import (
     save_partial,
     summary,
 )
+
+import numpy as np
 
 VIEWS = 4  # a, flip(a), b, flip(b)
 
@@ -94,7 +95,9 @@ def stage_gflop(flops: dict, contender: str, stage: str, answer: dict, n_prompts
 
 
 def run(args) -> dict:
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
     bundle = args.bundle
     which = [c for c in args.contenders.split(",") if c]
     bad = [c for c in which if c not in CONTENDERS]
@@ -291,9 +294,9 @@ def markdown(report: dict) -> str:
                  f"int8 {peak.get('int8_gops', '?')} GOP/s ({peak.get('method', '')}).")
     lines.append("")
     lines.append(md_table(header, rows))
-    lines += ["", "GFLOP/pair: median per pair, sdrun-fp32's (the seed's where it differs): OWL-ViT 4 views (the seed reference also encodes every prompt "
-              "on each of its 4 calls); Grounding DINO 4 views; CLIP one crop per kept box (the "
-              "seed: two crops per same-label candidate pair); MatMul/Gemm/Conv only. "
+    lines += ["", "GFLOP/pair: median per pair, sdrun-fp32's (the seed's where it differs): OWL-ViT 4 views "
+              "(the seed reference also encodes every prompt on each of its 4 calls); Grounding DINO 4 views; "
+              "CLIP one crop per kept box (the seed: two crops per same-label candidate pair); MatMul/Gemm/Conv only. "
               "The seed reference's 'preprocess' includes the HF processors and HF "
               "post-processing; its 'other' is the per-pair Python loops of matching.", ""]
     if s.get("targets"):

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (first: thread settings before torch)
-import numpy as np
 from common import RESULTS, THREADS, machine, md_table, write_outputs
+
+import numpy as np
 
 
 def part_of(node_name: str) -> str:

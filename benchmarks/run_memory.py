@@ -10,21 +10,20 @@ compares every pair's label sets.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import common  # noqa: F401  (threads)
+from common import RESULTS, THREADS, machine, md_table, write_outputs
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from common import RESULTS, THREADS, machine, md_table, write_outputs  # noqa: E402
-
-COLUMNS = ("added", "removed", "changed")
+from sdrun.csvfile import COLUMNS
 
 
 def sdrun(*argv: str) -> list[str]:

@@ -18,22 +18,23 @@ its peak (VmHWM: loading included) and the highest sample while serving, and aft
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import common  # noqa: F401  (threads)
+from common import RESULTS, THREADS, machine, make_pairs, md_table, parse_params, write_outputs
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-from sdrun.backends.memory import proc_status_kib  # noqa: E402
-
-from common import RESULTS, THREADS, machine, make_pairs, md_table, parse_params, write_outputs  # noqa: E402
+from sdrun.backends.memory import proc_status_kib
+from sdrun.csvfile import COLUMNS
 
 GiB = 2**30
 
@@ -177,10 +178,11 @@ def serve_setting(args, setting: str, bodies, params, want) -> dict:
             proc.kill()
             code = f"killed: still draining its queue 120 s after SIGTERM (exit {proc.wait()})"
     wrong = sum(1 for pair, a in answers
-                if any(a[c] != want[pair][c] for c in ("added", "removed", "changed"))
+                if any(a[c] != want[pair][c] for c in COLUMNS)
                 or abs(a["change_score"] - want[pair]["change_score"]) > 1e-4)
     sent = len(statuses)
-    gib = lambda kib: None if kib is None else round(kib * 1024 / GiB, 2)  # noqa: E731
+    def gib(kib):
+        return None if kib is None else round(kib * 1024 / GiB, 2)
     return {"max_batch_pairs": setting, "sent": sent, "answered_200": len(answers),
             "lost": sent - len(answers), "wrong": wrong,
             "statuses": {str(s): statuses.count(s) for s in set(statuses)},
@@ -242,7 +244,7 @@ def main() -> int:
 
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
               "params": params, "pipeline_memory_budget": budget,
-              "answers": {pairs[i][0]: {c: want[i][c] for c in ("added", "removed", "changed")}
+              "answers": {pairs[i][0]: {c: want[i][c] for c in COLUMNS}
                           for i in range(len(pairs))},
               "sequential": {"requests": n_seq, "throughput_rps": n_seq / seq_wall, **stats(seq_lat)},
               "settings": {}}
@@ -251,7 +253,8 @@ def main() -> int:
         print(json.dumps({setting: report["settings"][setting]}), flush=True)
 
     seq = report["sequential"]
-    fmt = lambda v, f="{:.0f}": "-" if v is None else f.format(v)  # noqa: E731
+    def fmt(v, f="{:.0f}"):
+        return "-" if v is None else f.format(v)
     rows = [["sequential Pipeline.diff (in process)", 1, n_seq, "-", "-", f"{seq['throughput_rps']:.3f}", "1.00",
              fmt(seq["p50_ms"]), fmt(seq["p99_ms"]), "-", "-", "-", "-"]]
     for setting, r in report["settings"].items():

@@ -15,23 +15,23 @@ One server process, one timeline:
 """
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import common  # noqa: F401  (threads)
+from common import RESULTS, THREADS, machine, make_pairs, md_table, write_outputs
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from serve_load import RssWatch, encode_png, free_port
 
-from sdrun.backends.memory import proc_status_kib  # noqa: E402
-
-from common import RESULTS, THREADS, machine, make_pairs, md_table, write_outputs  # noqa: E402
-from serve_load import RssWatch, encode_png, free_port  # noqa: E402
+from sdrun.backends.memory import proc_status_kib
 
 GiB = 2**30
 
@@ -143,7 +143,9 @@ def main() -> int:
     name = args.name or f"serve_stop_{args.bundle.name}"
     left = m.get('sdrun_requests_total{status="499"}')
     md = [f"# {name}", "", f"`sdrun serve {args.bundle}` on {report['machine'].get('cpu')} "
-          f"({THREADS} threads); per-request params `{args.param}`. Times are of one run on a shared 2-core machine; the time to ready includes onnxruntime's graph optimisation when its cache of optimised graphs is empty (a first start).", "",
+          f"({THREADS} threads); per-request params `{args.param}`. Times are of one run on a shared 2-core "
+          "machine; the time to ready includes onnxruntime's graph optimisation when its cache of optimised "
+          "graphs is empty (a first start).", "",
           md_table(["what", "measured"], [
               ["socket open after start", f"{report['socket_open_s']} s"],
               ["/readyz 503 answers while loading", not_ready],

@@ -16,25 +16,25 @@ model), measured over a few steps, and the seconds per epoch of 1000 pairs they 
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import common  # noqa: F401  (threads, before torch)
+from common import RESULTS, machine, md_table, write_outputs
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common import RESULTS, machine, md_table, write_outputs  # noqa: E402
+import numpy as np
+import torch
 
 
 def heldout_scores(model, rows, batch_size) -> dict:
+    from torch.utils.data import DataLoader
+
     from sdexport.train.data import PairDataset, collate
     from sdexport.train.metrics import best_f1, macro_f1, roc_auc
-    from torch.utils.data import DataLoader
 
     loader = DataLoader(PairDataset(rows, train=False, seed=0), batch_size=batch_size, collate_fn=collate)
     logits, ys, probs, cs = [], [], [], []
@@ -58,11 +58,12 @@ def heldout_scores(model, rows, batch_size) -> dict:
 
 def step_seconds(backbone: str, data: Path, batch_size: int, steps: int) -> float:
     """Median seconds of one training step (after one warm-up step)."""
+    from torch.utils.data import DataLoader
+
     from sdexport.models.siamese import SiameseViTChange, backbone_for
     from sdexport.sources import parse_source
     from sdexport.train.data import PairDataset, collate, read_rows
     from sdexport.train.losses import focal_loss_with_logits
-    from torch.utils.data import DataLoader
 
     rows, _ = read_rows(data, data / "labels.csv", None, lambda m: None)
     torch.manual_seed(0)
@@ -97,12 +98,13 @@ def main() -> int:
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    from safetensors.torch import load_file
+
     from sdexport.models.siamese import SiameseViTChange, backbone_for
     from sdexport.sources import parse_source
     from sdexport.train.data import read_rows
     from sdexport.train.loop import TrainConfig, train_change
     from sdexport.train.metrics import macro_f1
-    from safetensors.torch import load_file
     from sdrun.apps.synth import CLASSES, write_synthetic_pairs
     from sdrun.bundle.vocab import normalize_label
 
@@ -141,7 +143,8 @@ def main() -> int:
               "epochs": metrics,
               "step_seconds": timing,
               "epoch_seconds_per_1000_pairs": {k: v * 1000 / args.batch_size for k, v in timing.items()}}
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
     md = [f"# train-change: learning and cost ({report['machine']['cpu']}, {report['machine']['threads']} threads)",
           "", f"Tiny preset with per-class heads, {args.train_pairs} synthetic training pairs (seed 21, 20% of "
           f"them for its validation), {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}; "

@@ -227,7 +227,7 @@ class OnnxParser:
         model = onnx.load_from_string(data)
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001
+        except Exception:
             inferred = model
         g = inferred.graph
         types_ = {vi.name: vi.type.tensor_type.elem_type
@@ -264,7 +264,7 @@ class IOptimizationProfile:
     def __init__(self):
         self.shapes = {}
 
-    def set_shape(self, name, min, opt, max):  # noqa: A002  (TensorRT's argument names)
+    def set_shape(self, name, min, opt, max):  # TensorRT's argument names
         self.shapes[name] = [list(min), list(opt), list(max)]
 
 
@@ -317,16 +317,16 @@ class Builder:
         strong = not hasattr(BuilderFlag, "FP16")
         if strong:
             fp16 = any(i.data_type == 10 for i in model.graph.initializer)
-            unsafe = [l.name for l in network.layers if l.type.name in FP16_UNSAFE
-                      and any(o.dtype == DataType.HALF for o in l._outputs)]
+            unsafe = [layer.name for layer in network.layers if layer.type.name in FP16_UNSAFE
+                      and any(o.dtype == DataType.HALF for o in layer._outputs)]
             pinned = []
         else:
             fp16 = BuilderFlag.FP16 in config.flags
             obey = BuilderFlag.OBEY_PRECISION_CONSTRAINTS in config.flags
-            pinned = [l.name for l in network.layers
-                      if l.precision_is_set and l.precision == DataType.FLOAT]
-            unsafe = [l.name for l in network.layers if fp16 and l.type.name in FP16_UNSAFE
-                      and not (obey and l.name in set(pinned))]
+            pinned = [layer.name for layer in network.layers
+                      if layer.precision_is_set and layer.precision == DataType.FLOAT]
+            unsafe = [layer.name for layer in network.layers if fp16 and layer.type.name in FP16_UNSAFE
+                      and not (obey and layer.name in set(pinned))]
         g = model.graph
         inits = {i.name for i in g.initializer}
         inputs = [[t.name, t.dtype.name, list(t.shape)] for t in network.inputs]
@@ -493,13 +493,13 @@ class IExecutionContext:
 
 
 # ---- the fake CUDA runtime (cuda.bindings.runtime) ---------------------------------------------
-class cudaError_t(enum.IntEnum):  # noqa: N801
+class cudaError_t(enum.IntEnum):
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorNoDevice = 100
 
 
-class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
+class cudaMemcpyKind(enum.IntEnum):
     cudaMemcpyHostToHost = 0
     cudaMemcpyHostToDevice = 1
     cudaMemcpyDeviceToHost = 2
@@ -519,59 +519,59 @@ _next_ptr = itertools.count(1)
 OK = cudaError_t.cudaSuccess
 
 
-def cudaGetDeviceCount():  # noqa: N802
+def cudaGetDeviceCount():
     if STATE.device_count == 0:
         return cudaError_t.cudaErrorNoDevice, None
     return OK, STATE.device_count
 
 
-def cudaGetDeviceProperties(device):  # noqa: N802
+def cudaGetDeviceProperties(device):
     if device >= STATE.device_count:
         return cudaError_t.cudaErrorInvalidValue, None
     return OK, _Props()
 
 
-def cudaSetDevice(device):  # noqa: N802
+def cudaSetDevice(device):
     return (OK,) if device < STATE.device_count else (cudaError_t.cudaErrorInvalidValue,)
 
 
-def cudaMalloc(nbytes):  # noqa: N802
+def cudaMalloc(nbytes):
     ptr = (0x7F00 << 32) + next(_next_ptr) * (1 << 24)
     STATE.device[ptr] = bytearray(int(nbytes))
     return OK, ptr
 
 
-def cudaFree(ptr):  # noqa: N802
+def cudaFree(ptr):
     STATE.device.pop(int(ptr))
     return (OK,)
 
 
-def cudaMallocHost(nbytes):  # noqa: N802
+def cudaMallocHost(nbytes):
     buf = (ctypes.c_ubyte * int(nbytes))()
     addr = ctypes.addressof(buf)
     STATE.host[addr] = buf
     return OK, addr
 
 
-def cudaFreeHost(ptr):  # noqa: N802
+def cudaFreeHost(ptr):
     STATE.host.pop(int(ptr))
     return (OK,)
 
 
-def cudaStreamCreate():  # noqa: N802
+def cudaStreamCreate():
     STATE.streams += 1
     return OK, _Stream(0x5000 + STATE.streams)
 
 
-def cudaStreamDestroy(stream):  # noqa: N802
+def cudaStreamDestroy(stream):
     return (OK,)
 
 
-def cudaStreamSynchronize(stream):  # noqa: N802
+def cudaStreamSynchronize(stream):
     return (OK,)
 
 
-def cudaMemcpyAsync(dst, src, count, kind, stream):  # noqa: N802
+def cudaMemcpyAsync(dst, src, count, kind, stream):
     dst, src, count = int(dst), int(src), int(count)
     if kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
         assert src in STATE.host or True

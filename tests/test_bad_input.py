@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import run_without_torch
+
 from sdrun.apps.synth import write_synthetic_pairs
 from sdrun.bundle.params import ParamError, parse_overrides, validate
 from sdrun.cli import main
@@ -129,7 +130,7 @@ def test_atomic_writes_use_a_temp_file_per_writer(tmp_path):
     def write(t):
         try:
             atomic_write(target, t)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=write, args=(t,)) for t in texts]

@@ -135,7 +135,8 @@ def test_update_readme_fills_only_the_marked_block(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     text = readme.read_text()
-    assert text.startswith("# x\n\nbefore\n<!-- benchmarks:begin -->\n") and text.endswith("<!-- benchmarks:end -->\nafter\n")
+    assert text.startswith("# x\n\nbefore\n<!-- benchmarks:begin -->\n")
+    assert text.endswith("<!-- benchmarks:end -->\nafter\n")
     assert "old table" not in text and (res / f"{name}.md").read_text().strip() in text
     p = subprocess.run([sys.executable, str(BENCH / "update_readme.py"), "no_such_result",
                         "--readme", str(readme)], capture_output=True, text=True)

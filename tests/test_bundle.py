@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 from conftest import run_without_torch
+
 from sdrun.apps.check import check_bundle, compare, match_slots
 from sdrun.bundle.bundle import Bundle
 from sdrun.errors import BundleError

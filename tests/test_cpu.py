@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from sdrun.backends.cpu import (
     EXACT_WEIGHT_LIMIT,
     graph_max_abs_weight,

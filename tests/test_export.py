@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import TRAIN_CSV  # noqa: E402
+
 from sdexport.build import build_bundle, resolve_sources  # noqa: E402
 from sdexport.context import BuildContext  # noqa: E402
 from sdexport.sources import Source, SourceError, parse_source  # noqa: E402
@@ -95,6 +96,7 @@ def test_corrupt_checkpoints_are_named(tiny_bundle, tmp_path):
 def test_torch_load_checkpoint(tiny_bundle, tmp_path):
     """A seed-style `torch.save(model.state_dict())` file loads with weights_only=True."""
     from safetensors.torch import load_file
+
     from sdexport.models import siamese
 
     folder = tiny_bundle / "source" / "siamese"
@@ -156,8 +158,9 @@ def test_owlvit_graph_reproduces_hf_logits(tiny_bundle):
 
 def test_stored_tokenizer_matches_hf(tiny_bundle):
     """The bundle's tokenizer.json (read with `tokenizers`, no transformers) gives HF's ids."""
-    from sdexport.models import owlvit
     from tokenizers import Tokenizer
+
+    from sdexport.models import owlvit
 
     bundle = Bundle.load(tiny_bundle)
     entry = bundle.model("owlvit")

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 import sdrun.stages.fusion as fusion
 from sdrun.stages.fusion import CONF_TYPES, iou_matrix, weighted_boxes_fusion
 

@@ -14,6 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from transformers.models.grounding_dino import modeling_grounding_dino as hf  # noqa: E402
+
 from sdexport.build import DEFAULT_PARAMS  # noqa: E402
 from sdexport.context import BuildContext  # noqa: E402
 from sdexport.models import gdino  # noqa: E402
@@ -22,7 +24,6 @@ from sdexport.writer import BundleWriter  # noqa: E402
 from sdrun.apps.check import check_bundle, compare, match_slots  # noqa: E402
 from sdrun.bundle.bundle import Bundle  # noqa: E402
 from sdrun.bundle.vocab import default_vocabulary  # noqa: E402
-from transformers.models.grounding_dino import modeling_grounding_dino as hf  # noqa: E402
 
 SIZE = (256, 256)
 
@@ -121,8 +122,9 @@ def test_graph_takes_any_batch_and_another_prompt(built, tmp_path):
     at batch 2 with what the bundle holds (tokenizer.json read by `tokenizers`, the text
     graph, onnx tooling; no transformers, no PyTorch), against PyTorch."""
     import onnxruntime as ort
-    from sdexport.specialise import respecialise
     from tokenizers import Tokenizer
+
+    from sdexport.specialise import respecialise
 
     root, entry, ctx = built
     model, processor = gdino.load_torch(Source("gdino", "local", str(root / "source/gdino")), ctx)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from sdrun.apps.synth import write_synthetic_pairs
 from sdrun.bundle.bundle import Bundle, bundle_files, write_params
 from sdrun.bundle.params import ParamError

@@ -9,6 +9,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+
 from sdrun.stages.images import (
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,

@@ -7,6 +7,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+
 from sdrun.errors import SpotdiffError
 from sdrun.stages.images import ImageError, as_rgb, load_image
 

@@ -7,9 +7,10 @@ below it, never one above (`cli -> apps -> pipeline -> backends, stages, bundle`
     cli/                the command line
     apps/               jobs on the pipeline
     pipeline            batches the model calls
+    models/             the model kinds: adapters behind one registry
     backends/           onnxruntime, TensorRT  (may read the bundle)
     stages/, bundle/    numpy stages; the bundle folder (neither imports the other)
-    errors, files, csvfile, version   used by every layer, import only each other
+    errors, files, csvfile, version, logs   used by every layer, import only each other
 
 `sdrun/__init__.py` (the public face) may name anything: it imports on first use.
 """
@@ -23,13 +24,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"sdrun": ROOT / "runtime" / "sdrun", "sdexport": ROOT / "export" / "sdexport"}
 
-LAYER_OF_PACKAGE = {"cli": "cli", "apps": "apps", "backends": "backends", "stages": "stages",
-                    "bundle": "bundle"}
-BASE = {"errors", "files", "csvfile", "version"}
+LAYER_OF_PACKAGE = {"cli": "cli", "apps": "apps", "models": "models", "backends": "backends",
+                    "stages": "stages", "bundle": "bundle"}
+BASE = {"errors", "files", "csvfile", "version", "logs"}
 ALLOWED = {  # layer -> the layers it may import
-    "cli": {"cli", "apps", "pipeline", "backends", "stages", "bundle", "base"},
-    "apps": {"apps", "pipeline", "backends", "stages", "bundle", "base"},
-    "pipeline": {"backends", "stages", "bundle", "base"},
+    "cli": {"cli", "apps", "pipeline", "models", "backends", "stages", "bundle", "base"},
+    "apps": {"apps", "pipeline", "models", "backends", "stages", "bundle", "base"},
+    "pipeline": {"models", "backends", "stages", "bundle", "base"},
+    "models": {"models", "backends", "stages", "bundle", "base"},
     "backends": {"backends", "bundle", "base"},
     "stages": {"stages", "base"},
     "bundle": {"bundle", "base"},
@@ -138,7 +140,28 @@ def test_runtime_imports_point_down():
             dst = layer(d)
             if dst is not None and dst not in ALLOWED[src]:
                 wrong.append(f"{m} ({src}) imports {d} ({dst})")
-    assert not wrong, "imports against the direction cli -> apps -> pipeline -> backends/stages/bundle:\n" + "\n".join(sorted(wrong))
+    assert not wrong, ("imports against the direction cli -> apps -> pipeline -> backends/stages/bundle:\n"
+                       + "\n".join(sorted(wrong)))
+
+
+def test_apps_and_cli_never_reach_into_a_model_adapter():
+    """apps/ and cli/ know the model kinds only through `sdrun.models` (the registry and the
+    role interfaces), never an adapter module (sdrun.models.owlvit, ...)."""
+    g = graph("sdrun")
+    wrong = sorted(f"{m} imports {d}" for m, deps in g.items() if layer(m) in ("apps", "cli")
+                   for d in deps if d.startswith("sdrun.models."))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_rules_after_the_models_live_in_one_module_each():
+    """The kept-box rule, the matching cost and the label-set rule are written once."""
+    rules = {"kept-box rule": r">= det_thr", "matching cost": r"1.0 - affinity",
+             "label-set rule": r"not in in_b"}
+    root = PACKAGES["sdrun"]
+    for what, pattern in rules.items():
+        where = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if pattern in p.read_text())
+        assert len(where) == 1, f"the {what} ({pattern!r}) is written in {where}"
+    assert "def kept(" in (root / "stages" / "decide.py").read_text()
 
 
 def test_the_walk_sees_relative_and_function_level_imports():

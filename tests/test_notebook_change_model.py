@@ -13,9 +13,10 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
 from sdexport.models.siamese import TINY_ARGS  # noqa: E402
 from sdrun.apps.check import check_bundle, compare  # noqa: E402
-from torch import nn  # noqa: E402
 
 TOL = 1e-5
 
@@ -66,6 +67,7 @@ def notebook_heatmap(model, img1: Image.Image, img2: Image.Image, dsize_as_writt
 @pytest.fixture(scope="module")
 def notebook_bundle(tmp_path_factory):
     from safetensors.torch import save_file
+
     from sdexport.build import build_bundle, resolve_sources
     from sdrun.bundle.vocab import default_vocabulary
 
@@ -124,6 +126,7 @@ def test_bundle_gives_the_notebooks_heatmap_and_logit(notebook_bundle, size):
 
 def test_a_checkpoint_of_another_shape_is_named(notebook_bundle, tmp_path):
     from safetensors.torch import load_file, save_file
+
     from sdexport.context import BuildContext
     from sdexport.models import siamese
     from sdexport.sources import Source, SourceError

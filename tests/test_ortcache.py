@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from sdrun.apps.check import golden_cases
 from sdrun.backends.session import OnnxModel
 from sdrun.bundle.bundle import Bundle

@@ -19,6 +19,7 @@ import types
 import numpy as np
 import pytest
 from conftest import BLOCK_TORCH, REAL_PAIRS
+
 from sdrun.errors import BundleError
 from sdrun.stages import preprocess as pp
 from sdrun.stages.images import load_image
@@ -200,8 +201,9 @@ def test_pass_order_rule():
 
 @pytest.mark.parametrize("size", [128, 768])
 def test_owlvit_pixels_match_transformers(torch_refs, size):
-    from sdexport.models import owlvit
     from transformers import OwlViTImageProcessor
+
+    from sdexport.models import owlvit
 
     # as the presets build it (768 is also google/owlvit-base-patch32's setting)
     ip = OwlViTImageProcessor(size={"height": size, "width": size},
@@ -218,8 +220,9 @@ def test_owlvit_pixels_match_transformers(torch_refs, size):
 
 @pytest.mark.parametrize("size", [(256, 256), (800, 800), (480, 640)])
 def test_gdino_pixels_match_transformers(torch_refs, size):
-    from sdexport.models import gdino
     from transformers import GroundingDinoImageProcessor
+
+    from sdexport.models import gdino
 
     # the hub's / preset's image processor settings; the exporter's own call
     ip = GroundingDinoImageProcessor(
@@ -243,6 +246,7 @@ def test_gdino_pixels_match_transformers(torch_refs, size):
 
 def _timm_cfg():
     import timm
+
     from sdexport.models import siamese
 
     backbone = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
@@ -291,6 +295,7 @@ def test_siamese_pixels_match_timm(torch_refs):
 
 def _clip_transform_and_facts():
     import open_clip
+
     from sdexport.models import clip
 
     transform = open_clip.image_transform(224, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
@@ -342,9 +347,10 @@ def test_tiny_bundle_facts_match_its_source_processors(torch_refs, tiny_bundle):
     """The manifest's facts, read back, against processors loaded from the bundle's
     source/<model> folders (what a PyTorch reference pipeline would load)."""
     import open_clip
+    from transformers import AutoProcessor
+
     from sdexport.models import gdino, siamese
     from sdrun.bundle.bundle import Bundle
-    from transformers import AutoProcessor
 
     Image = torch_refs.Image
     bundle = Bundle.load(tiny_bundle)
@@ -416,16 +422,12 @@ def test_crop_bounds_refuses(box):
         pp.crop_bounds(box, 10, 10)
 
 
-def test_hflip_and_boxes():
+def test_hflip():
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     flipped = pp.hflip(img)
     assert flipped.flags.c_contiguous and np.array_equal(flipped, img[:, ::-1])
     assert np.array_equal(pp.hflip(np.stack([img, img]))[1], img[:, ::-1])
     assert np.array_equal(pp.hflip(img[:, :, 0]), img[:, ::-1, 0])
-    boxes = np.array([[1.0, 2.0, 4.0, 5.0]])
-    assert pp.hflip_boxes_xyxy(boxes, 10).tolist() == [[6.0, 2.0, 9.0, 5.0]]
-    assert np.array_equal(pp.hflip_boxes_xyxy(pp.hflip_boxes_xyxy(boxes, 10), 10), boxes)
-    assert pp.hflip_boxes_cxcywh([[0.25, 0.5, 0.1, 0.2]]).tolist() == [[0.75, 0.5, 0.1, 0.2]]
 
 
 def test_center_crop_rounding_and_padding():

@@ -9,17 +9,18 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from click.testing import CliRunner  # noqa: E402
-from sdexport.cli import main as sdexport_main  # noqa: E402
-from sdexport.quantize import (  # noqa: E402
+from click.testing import CliRunner
+
+from sdexport.cli import main as sdexport_main
+from sdexport.quantize import (
     INT8_TOLERANCE,
     int8_name,
     max_abs_int8_weight,
     quantize_bundle,
 )
-from sdrun.apps.check import DEFAULT_REL_L2, check_bundle  # noqa: E402
-from sdrun.backends.cpu import EXACT_WEIGHT_LIMIT, int8_kernel, isa_summary  # noqa: E402
-from sdrun.bundle.bundle import Bundle  # noqa: E402
+from sdrun.apps.check import DEFAULT_REL_L2, check_bundle
+from sdrun.backends.cpu import EXACT_WEIGHT_LIMIT, int8_kernel, isa_summary
+from sdrun.bundle.bundle import Bundle
 
 
 def test_int8_name():

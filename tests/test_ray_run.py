@@ -17,9 +17,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from click.testing import CliRunner  # noqa: E402
-from sdrun.apps.dataset import PairSource, list_pairs  # noqa: E402
-from sdrun.apps.ray_run import (  # noqa: E402
+from click.testing import CliRunner
+
+from sdrun.apps.dataset import PairSource, list_pairs
+from sdrun.apps.ray_run import (
     ACTOR_OVERHEAD_BYTES,
     PairBatchActor,
     Pool,
@@ -36,10 +37,10 @@ from sdrun.apps.ray_run import (  # noqa: E402
     ray_executor,
     run_on_ray,
 )
-from sdrun.apps.runner import run_dataset  # noqa: E402
-from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
-from sdrun.cli import main  # noqa: E402
-from sdrun.pipeline import Pipeline  # noqa: E402
+from sdrun.apps.runner import run_dataset
+from sdrun.apps.synth import write_synthetic_pairs
+from sdrun.cli import main
+from sdrun.pipeline import Pipeline
 
 try:
     import ray

@@ -9,11 +9,12 @@ from scipy.optimize import linear_sum_assignment
 pytest.importorskip("torch")
 pytest.importorskip("ensemble_boxes")
 
-from conftest import REAL_PAIRS  # noqa: E402
-from sdexport.reference import ReferencePipeline  # noqa: E402
-from sdrun.apps.synth import make_pair, pair_rng  # noqa: E402
-from sdrun.pipeline import Pipeline  # noqa: E402
-from sdrun.stages.images import load_image  # noqa: E402
+from conftest import REAL_PAIRS
+
+from sdexport.reference import ReferencePipeline
+from sdrun.apps.synth import make_pair, pair_rng
+from sdrun.pipeline import Pipeline
+from sdrun.stages.images import load_image
 
 N_SYNTH = 20
 BOX_TOL_PX = 0.5

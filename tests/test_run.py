@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import BLOCK_TORCH, run_without_torch
+
 from sdrun.apps.synth import write_synthetic_pairs
 from sdrun.pipeline import Pipeline
 

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import TRAIN_CSV, run_without_torch
+
 from sdrun.apps.score import ScoreError, read_label_csv, row_f1, score_files, score_sets
 from sdrun.apps.synth import write_synthetic_pairs
 from sdrun.bundle.bundle import Bundle, write_params

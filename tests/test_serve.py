@@ -18,11 +18,11 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from conftest import BLOCK_TORCH  # noqa: E402
+
 from sdrun.apps.serve import ServeConfig, create_app  # noqa: E402
 from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
 from sdrun.pipeline import Pipeline  # noqa: E402
-
-from conftest import BLOCK_TORCH  # noqa: E402
 
 
 @pytest.fixture(scope="module")

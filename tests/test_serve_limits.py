@@ -23,6 +23,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from conftest import BLOCK_TORCH  # noqa: E402
+
 from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
 
 

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from sdexport.specialise import SpecialiseError, respecialise, specialise
 
 VOCAB, WIDTH = 20, 4

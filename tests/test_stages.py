@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from sdrun.stages import detect, heatmap
 from sdrun.stages.matching import match_objects
 
@@ -40,12 +41,13 @@ def test_gdino_label_scores_use_only_each_labels_tokens():
     logits[:, :6] = [[0, 2, -1, 5, 0, -3], [1, -2, 3, 0, 0, 0]]
     token_labels = np.array([-1, 0, -1, 1, 1, -1])  # [CLS] l0 . l1 l1 .
     per_label = detect.label_token_scores(logits, token_labels, 3)
-    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    def sig(x):
+        return 1 / (1 + np.exp(-x))
     np.testing.assert_allclose(per_label[0], [sig(2), sig(5), 0.0])
     np.testing.assert_allclose(per_label[1], [sig(-2), sig(0), 0.0])
     boxes = np.array([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]])
-    b, s, l = detect.gdino_detections(logits, boxes, token_labels, 3, threshold=0.5)
-    np.testing.assert_array_equal(l, [1])  # the second box's best label scores exactly 0.5: not kept
+    b, s, lab = detect.gdino_detections(logits, boxes, token_labels, 3, threshold=0.5)
+    np.testing.assert_array_equal(lab, [1])  # the second box's best label scores exactly 0.5: not kept
     np.testing.assert_allclose(s, [sig(5)])
 
 

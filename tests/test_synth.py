@@ -7,6 +7,7 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
+
 from sdrun.apps.synth import CLASSES, make_pair, pair_rng, write_synthetic_pairs
 from sdrun.bundle.vocab import LABEL_COLUMNS, parse_label_cell
 
@@ -42,7 +43,8 @@ def test_write_is_deterministic_and_pairs_independent_of_n(tmp_path):
     for name in sorted(p.name for p in (tmp_path / "c" / "data").iterdir()):
         assert (tmp_path / "c" / "data" / name).read_bytes() == (tmp_path / "a" / "data" / name).read_bytes()
     assert a.read_text().splitlines()[:4] == c.read_text().splitlines()
-    assert (tmp_path / "d" / "data" / "10000_1.png").read_bytes() != (tmp_path / "c" / "data" / "10000_1.png").read_bytes()
+    png = "10000_1.png"
+    assert (tmp_path / "d" / "data" / png).read_bytes() != (tmp_path / "c" / "data" / png).read_bytes()
 
 
 def test_pair_rng_matches_spawn():
@@ -124,7 +126,7 @@ def test_no_change_pairs_differ_only_by_distractors(pairs):
         assert d.mean() < 20 and np.percentile(d, 99) < 60
         assert (d > 60).mean() < 0.01
     # every added, removed, moved or recoloured object shows up more strongly than that
-    for a, b, t, (objs1, objs2) in pairs:
+    for a, b, _t, (objs1, objs2) in pairs:
         d = _diff(a, b)
         by1, by2 = {o["id"]: o for o in objs1}, {o["id"]: o for o in objs2}
         for i in by1.keys() | by2.keys():

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("albumentations")
 
 from click.testing import CliRunner  # noqa: E402
+
 from sdexport.cli import main as sdexport  # noqa: E402
 from sdexport.train.losses import focal_loss_with_logits  # noqa: E402
 from sdexport.train.metrics import best_f1, macro_f1, roc_auc  # noqa: E402
@@ -56,7 +57,8 @@ def test_metrics_equal_their_definitions():
         brute = max((2 * (y & (s >= t)).sum() / ((s >= t).sum() + y.sum()), t) for t in np.unique(s))
         assert best_f1(y, s)[0] == pytest.approx(brute[0], abs=1e-12)
     assert roc_auc(np.ones(4, bool), np.arange(4)) is None
-    assert macro_f1(np.array([[1, 0, 0], [0, 1, 0]]), np.array([[1, 0, 0], [1, 0, 0]])) == pytest.approx((2 / 3 + 0) / 2)
+    assert macro_f1(np.array([[1, 0, 0], [0, 1, 0]]),
+                    np.array([[1, 0, 0], [1, 0, 0]])) == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_focal_loss_is_the_notebooks():
@@ -168,8 +170,8 @@ def test_resume_after_a_kill_gives_the_same_weights(pairs, tmp_path):
     la = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     lb = torch.load(killed / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(la[k], lb[k]) for k in la)
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
-                       for x in p.read_text().splitlines()]
+    def strip(p):
+        return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in p.read_text().splitlines()]
     assert strip(tmp_path / "straight" / "metrics.jsonl") == strip(metrics)
 
 

@@ -14,9 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("albumentations")
 
-from click.testing import CliRunner
-from sdexport.cli import main as sdexport
-from sdrun.apps.synth import write_synthetic_pairs
+from click.testing import CliRunner  # noqa: E402
+
+from sdexport.cli import main as sdexport  # noqa: E402
+from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
 
 TINY = ["--backbone", "tiny-random", "--batch-size", "8", "--quiet"]
 
@@ -184,7 +185,9 @@ def _csv(pairs, tmp_path, name, keep) -> Path:
 
 @pytest.mark.parametrize("kind", ["changed", "unchanged"])
 def test_labels_of_one_kind_are_refused_before_training(pairs, tmp_path, kind):
-    unchanged = lambda line: line.endswith("none,none,none")
+    def unchanged(line):
+        return line.endswith("none,none,none")
+
     csv = _csv(pairs, tmp_path, f"{kind}.csv",
                (lambda x: not unchanged(x)) if kind == "changed" else unchanged)
     out = tmp_path / "run"
@@ -358,7 +361,8 @@ def test_source_messages_name_the_option():
     assert "(--siamese DIR)" in msg and "--preset tiny-random" in msg  # `sdexport build` unchanged
     with pytest.raises(SourceError, match="^--siamese ./nope: folder not found"):
         parse_source("siamese", "./nope", None)
-    assert parse_source("siamese", "tiny-random", None, option="--backbone") == parse_source("siamese", "tiny-random", None)
+    assert (parse_source("siamese", "tiny-random", None, option="--backbone")
+            == parse_source("siamese", "tiny-random", None))
 
 
 # ---- 6. other arguments ------------------------------------------------------------

@@ -12,6 +12,7 @@ import textwrap
 import fake_tensorrt
 import numpy as np
 import pytest
+
 from sdrun.bundle.bundle import Bundle, sha256_file
 from sdrun.errors import ProviderError
 
@@ -153,6 +154,7 @@ def test_strongly_typed_tensorrt11_path(tiny_bundle, tmp_path, fake, monkeypatch
     """TensorRT 11 has no FP16 flag or layer precisions: the ONNX graph is converted to fp16
     with the pinned nodes kept in fp32, then built strongly typed."""
     import onnx
+
     from sdexport.engines import build_engines
 
     monkeypatch.delattr(fake_tensorrt.BuilderFlag, "FP16")
@@ -185,6 +187,7 @@ def test_pipeline_on_engines_matches_cpu(engine_bundle, tmp_path, fake):
     """fp32 engines (the fake runs onnxruntime underneath) give the CPU pipeline's answers;
     all engines of a pipeline share one CUDA stream; pinned host buffers are reused."""
     from conftest import REAL_PAIRS
+
     from sdexport.engines import build_engines
     from sdrun import Pipeline
     from sdrun.backends.trt import TrtModel
@@ -195,7 +198,7 @@ def test_pipeline_on_engines_matches_cpu(engine_bundle, tmp_path, fake):
     assert {KEY, "sm90-trt10.9.0-fp32"} <= set(m["engines"])
     streams = fake_tensorrt.STATE.streams
     pipe = Pipeline.load(root, provider="tensorrt:fp32")
-    engine = pipe.owl_image.model  # inside the memory budget's chunking
+    engine = pipe.models["owlvit"].graph.model  # inside the memory budget's chunking
     assert isinstance(engine, TrtModel) and engine.key == "sm90-trt10.9.0-fp32"
     assert fake_tensorrt.STATE.streams == streams + 1
     cpu = Pipeline.load(root, provider="cpu")
@@ -205,7 +208,7 @@ def test_pipeline_on_engines_matches_cpu(engine_bundle, tmp_path, fake):
     want = [r.to_json() for r in cpu.run(pairs, batch_pairs=3)]
     assert got == want
     # fp16 preferred when no precision is named
-    assert Pipeline.load(root, provider="tensorrt").clip.key == KEY
+    assert Pipeline.load(root, provider="tensorrt").models["clip"].graph.key == KEY
 
 
 def test_batch_above_the_profile_runs_in_chunks(engine_bundle, fake):
@@ -270,12 +273,14 @@ def test_engine_that_does_not_deserialize_is_a_clear_error(engine_bundle, fake, 
 
     root, _, _ = engine_bundle
     monkeypatch.setattr(fake_tensorrt, "__version__", "10.9.0.99")
+    engine = open_graph(Bundle.load(root), "clip", "visual", provider="tensorrt")  # opens lazily
     with pytest.raises(EngineError, match="cannot load this engine"):
-        open_graph(Bundle.load(root), "clip", "visual", provider="tensorrt")
+        engine.open()
 
 
 def test_onnx_fallback_only_when_allowed(engine_bundle, fake, monkeypatch):
     import onnxruntime as ort
+
     from sdrun.backends.session import OnnxModel, open_graph
     from sdrun.backends.trt import EngineFallbackWarning
 
@@ -374,6 +379,7 @@ def test_absent_gpu_providers_are_errors_never_cpu(engine_bundle, monkeypatch):
 def test_cli_errors_and_fallback_flag(engine_bundle, fake):
     from click.testing import CliRunner
     from conftest import REAL_PAIRS
+
     from sdrun.cli import main
 
     root, _, _ = engine_bundle
@@ -395,6 +401,7 @@ def test_cli_errors_and_fallback_flag(engine_bundle, fake):
 
 def test_sdexport_engines_cli(tiny_bundle, tmp_path, fake):
     from click.testing import CliRunner
+
     from sdexport.cli import main
 
     root = _copy(tiny_bundle, tmp_path)
@@ -445,8 +452,9 @@ def test_import_and_cpu_run_without_tensorrt_or_cuda(engine_bundle, tmp_path):
 def test_sdexport_build_target_trt(tiny_bundle, tmp_path, fake, monkeypatch):
     """`sdexport build --target trt` exports, then builds this GPU's engines; without TensorRT
     it stops before the (long) export."""
-    import sdexport.build
     from click.testing import CliRunner
+
+    import sdexport.build
     from sdexport.cli import main
 
     exported = []

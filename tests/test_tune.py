@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 from conftest import run_without_torch
+from test_score import fast_bundle, filled, labelled_pairs, shared_cache
+
 from sdrun.apps.tune import (
     ALWAYS,
     DEFAULT_GRID,
@@ -23,7 +25,6 @@ from sdrun.apps.tune import (
 )
 from sdrun.bundle.bundle import Bundle
 from sdrun.pipeline import Pipeline
-from test_score import fast_bundle, filled, labelled_pairs, shared_cache
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,7 @@ def test_tune_end_to_end_without_torch(cached, tmp_path_factory, tiny_bundle, tm
     # again (in this process): the written parameters are already the best there is ->
     # it says so, and writes nothing
     from click.testing import CliRunner
+
     from sdrun.cli import main
 
     manifest = (bundle / "manifest.json").read_bytes()

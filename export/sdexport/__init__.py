@@ -1,2 +1,9 @@
 """spotdiff export side: PyTorch models -> ONNX bundle (imports torch)."""
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "__version__":  # one source, read on first use: sdrun.version
+        from sdrun.version import version
+
+        return version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

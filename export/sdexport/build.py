@@ -1,6 +1,7 @@
 """`sdexport build`: export the four models into one verified bundle."""
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -8,9 +9,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from sdrun.bundle.bundle import bundle_files
-from sdrun.files import check_output_folder, replace_folder
 from sdrun.bundle.vocab import default_prompt_templates
 from sdrun.errors import SpotdiffError
+from sdrun.files import check_output_folder, replace_folder
 
 from .context import BuildContext
 from .memory import record_graph_memory
@@ -18,6 +19,8 @@ from .models import MODEL_ORDER, exporter
 from .sources import Source, SourceError, parse_source
 from .verify import verify
 from .writer import BundleWriter
+
+logger = logging.getLogger(__name__)
 
 # The seed notebook's pipeline parameters; `sdrun tune` rewrites them.
 DEFAULT_PARAMS = {
@@ -44,7 +47,7 @@ def resolve_sources(preset: str | None, specs: dict[str, str | None]) -> dict[st
 def build_bundle(out: str | Path, sources: dict[str, Source], vocabulary: list[str],
                  prompt_templates: list[str] | None = None, seed: int = 0,
                  gdino_size: tuple[int, int] = (800, 800), siamese_ckpt: str | None = None,
-                 check: bool = True, log: Callable[[str], None] = print,
+                 check: bool = True, log: Callable[[str], None] = logger.info,
                  precision: str = "fp32", inputs: Sequence[tuple[str, str | Path]] = ()) -> Path:
     """Export every model into the bundle folder `out` and check it against PyTorch.
 

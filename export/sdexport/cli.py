@@ -5,7 +5,10 @@ import sys
 from pathlib import Path
 
 import click
+
+from sdrun.cli.options import VERBOSITY
 from sdrun.errors import SpotdiffError
+from sdrun.version import version_option
 
 from .sources import DEFAULT_HUB_IDS, PRESETS
 
@@ -22,7 +25,8 @@ def _size(value: str) -> tuple[int, int]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="spotdiff")
+@version_option
+@VERBOSITY
 def main():
     """Export spot-the-difference models (OWL-ViT, Grounding DINO, Siamese ViT, CLIP) to a bundle."""
 
@@ -233,7 +237,8 @@ def train_change(data, csv_path, out, backbone, heads, vocab, epochs, batch_size
     """
     from sdrun.bundle.vocab import parse_vocabulary
 
-    from .train.loop import TrainConfig, train_change as run
+    from .train.loop import TrainConfig
+    from .train.loop import train_change as run
 
     try:
         if vocab is not None and heads != "per-class":

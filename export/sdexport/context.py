@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 OPSET = 17
 
@@ -21,7 +24,7 @@ class BuildContext:
     seed: int = 0
     opset: int = OPSET
     gdino_size: tuple[int, int] = (800, 800)  # (height, width)
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = logger.info
     timings: dict[str, float] = field(default_factory=dict)
 
     def generator(self, offset: int) -> np.random.Generator:

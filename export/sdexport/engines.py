@@ -28,7 +28,7 @@ stale (their ONNX changed), built for another batch size, or with `force`.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 import tempfile
 import time
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
 from sdrun.apps.check import check_graph, golden_cases
 from sdrun.backends.trt import (
     ENGINE_TOLERANCE,
@@ -50,6 +51,9 @@ from sdrun.backends.trt import (
 )
 from sdrun.bundle.bundle import MANIFEST, Bundle, sha256_file
 from sdrun.errors import SpotdiffError
+from sdrun.files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 # Batch axis per graph, in items per image pair: detectors see 4 views per pair
 # (a, flip(a), b, flip(b)), the Siamese ViT one pair; CLIP every kept crop of a
@@ -304,17 +308,7 @@ def network_inputs(trt, onnx_path: Path) -> dict[str, tuple]:
 # ---- the manifest ------------------------------------------------------------------------
 def write_manifest(root: Path, manifest: dict) -> None:
     """Atomically replace `root/manifest.json` (write, fsync, rename)."""
-    path = root / MANIFEST
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(manifest, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _file_meta(path: Path) -> dict:
@@ -355,7 +349,7 @@ def summarise_checks(checks) -> dict:
 def build_engines(bundle_dir: str | Path, precision: str = "fp16",
                   max_batch: int = DEFAULT_MAX_BATCH, models: list[str] | None = None,
                   force: bool = False, workspace_gb: float = 8.0, opt_level: int | None = None,
-                  log: Callable[[str], None] = print) -> list[GraphResult]:
+                  log: Callable[[str], None] = logger.info) -> list[GraphResult]:
     """Build (or reuse) this GPU's engines for every graph of the bundle (or only `models`:
     model names or model/graph names); see the module doc."""
     root = Path(bundle_dir)
@@ -420,15 +414,15 @@ def _build_graph(trt, bundle, root, manifest, key, model, graph, precision, tol,
     profiles = plan_profiles(bundle, model, graph, network_inputs(trt, onnx_path), max_batch)
     stages = STAGES if precision == "fp16" else [("none", ())]
     t0 = time.perf_counter()
-    tmp = final.with_name(f".{final.name}.building")
-    summary, stage, pinned, typing = {}, "", {}, ""
+    summary, stage, pinned, typing, data = {}, "", {}, "", b""
     with tempfile.TemporaryDirectory(prefix="sdexport-trt-") as scratch:
+        candidate = Path(scratch) / final.name  # checked here, then written into the bundle
         for stage, rules in stages:
             ts = time.perf_counter()
             data, pinned, typing = build_engine(trt, onnx_path, profiles, precision, rules,
                                                 workspace_gb, opt_level, Path(scratch), timing)
-            tmp.write_bytes(data)
-            session = TrtModel(tmp, ctx, key=key, tolerance=tol, label=f"{name} [{key}]")
+            candidate.write_bytes(data)
+            session = TrtModel(candidate, ctx, key=key, tolerance=tol, label=f"{name} [{key}]")
             try:
                 summary = summarise_checks(check_graph(bundle, model, graph, session,
                                                        max(tol, _bundle_tol(bundle, model))))
@@ -448,19 +442,18 @@ def _build_graph(trt, bundle, root, manifest, key, model, graph, precision, tol,
              "seconds": round(time.perf_counter() - t0, 1)}
     graphs = manifest["engines"][key]["graphs"]
     if not summary.get("ok"):
-        tmp.unlink(missing_ok=True)
         entry["failed"] = (f"golden check failed at every stage up to '{stage}' "
                            f"(max rel_l2 {summary.get('max_rel_l2')}, tolerance {tol:g})")
         graphs[name] = entry
         write_manifest(root, manifest)
         log(f"[{name}] FAILED: {entry['failed']}; no engine recorded")
         return GraphResult(name, "failed", stage, len(pinned), summary, entry["seconds"])
-    os.replace(tmp, final)
+    atomic_write(final, data)
     entry["file"] = rel
     manifest["files"][rel] = _file_meta(final)
     if pinned:
         prel = rel[: -len(".engine")] + ".pinned.json"
-        (root / prel).write_text(json.dumps({"stage": stage, "layers": pinned}, indent=1) + "\n")
+        atomic_write(root / prel, json.dumps({"stage": stage, "layers": pinned}, indent=1) + "\n")
         entry["pinned_file"] = prel
         manifest["files"][prel] = _file_meta(root / prel)
     graphs[name] = entry

@@ -5,6 +5,7 @@ to fit the memory it has (`sdrun.backends.memory`)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -14,8 +15,10 @@ from sdrun.bundle.bundle import MANIFEST, Bundle, golden_cases
 from sdrun.errors import SpotdiffError
 from sdrun.files import atomic_write
 
+logger = logging.getLogger(__name__)
 
-def record_graph_memory(root: str | Path, log: Callable[[str], None] = print,
+
+def record_graph_memory(root: str | Path, log: Callable[[str], None] = logger.info,
                         probe: Callable[..., dict] = measure) -> dict[str, dict]:
     """Measure every graph that has golden inputs and write the results into the manifest.
     A graph that cannot be measured is logged and left without (sdrun then uses its

@@ -17,6 +17,7 @@ margin, `INT8_TOLERANCE`), which the manifest records per graph as
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -27,7 +28,14 @@ from typing import Callable
 
 from sdrun.backends.cpu import cpu_info, int8_kernel, isa_summary
 from sdrun.bundle.bundle import MANIFEST, bundle_files, sha256_file
-from sdrun.files import check_output_folder, check_output_paths, replace_folder
+from sdrun.files import (
+    atomic_write,
+    check_output_folder,
+    check_output_paths,
+    replace_folder,
+)
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
 
@@ -119,7 +127,7 @@ def _matching_nodes(path: Path, pattern: str) -> list[str]:
     return [n.name for n in model.graph.node if rx.search(n.name)]
 
 
-def quantize_bundle_dir(root: str | Path, log: Callable[[str], None] = print,
+def quantize_bundle_dir(root: str | Path, log: Callable[[str], None] = logger.info,
                         weight_type: str = WEIGHT_TYPE, per_channel: bool = PER_CHANNEL,
                         reduce_range: bool = REDUCE_RANGE, keep_fp32: bool = False) -> dict:
     """Quantise every graph of the bundle folder `root` in place and rewrite its manifest:
@@ -161,11 +169,11 @@ def quantize_bundle_dir(root: str | Path, log: Callable[[str], None] = print,
         "int8_kernel": int8_kernel()}
     manifest["build"]["quantization"] = {
         k: {kk: vv for kk, vv in v.items() if kk not in ("exclude",)} for k, v in report.items()}
-    mpath.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write(mpath, json.dumps(manifest, indent=2) + "\n")
     return report
 
 
-def quantize_bundle(src: str | Path, out: str | Path, log: Callable[[str], None] = print,
+def quantize_bundle(src: str | Path, out: str | Path, log: Callable[[str], None] = logger.info,
                     **kwargs) -> Path:
     """A copy of the fp32 bundle `src` at `out` with int8 graphs (hard links for the files
     that stay the same where the file system allows)."""

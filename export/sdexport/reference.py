@@ -111,12 +111,12 @@ class ReferencePipeline:
         boxes_list, scores_list, labels_list = [], [], []
         for fn in [self.owlvit] + ([self.gdino] if self.gd is not None else []):
             for view, is_flipped in ((image, False), (flipped, True)):
-                b, s, l = fn(view)
+                b, s, lab = fn(view)
                 if is_flipped:
                     b = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], -1) if len(b) else b
                 boxes_list.append((b / np.array([w, h, w, h])).reshape(-1, 4))
                 scores_list.append(s)
-                labels_list.append(l)
+                labels_list.append(lab)
         if not any(len(s) for s in scores_list):
             return np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64)
         with warnings.catch_warnings():

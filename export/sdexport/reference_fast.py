@@ -20,6 +20,7 @@ import contextlib
 import numpy as np
 import torch
 from PIL import Image
+
 from sdrun.stages import detect as sd_detect
 from sdrun.stages import fusion as sd_fusion
 from sdrun.stages import heatmap as sd_heatmap

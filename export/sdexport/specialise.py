@@ -211,8 +211,8 @@ def specialise(model_path: str | Path, out_path: str | Path, text_path: str | Pa
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return {"inputs_folded": inputs, "boundary": {n: axes[n] for n in boundary},
-            "nodes_removed": len(folded), "shape_ops_kept": len(keep), "where_removed": n_where, "weights_bytes_removed":
-                before - sum(t.ByteSize() for t in initializers)}
+            "nodes_removed": len(folded), "shape_ops_kept": len(keep), "where_removed": n_where,
+            "weights_bytes_removed": before - sum(t.ByteSize() for t in initializers)}
 
 
 def _drop_constant_where(nodes: list, masks: dict[str, np.ndarray]) -> tuple[list, int]:

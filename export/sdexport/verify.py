@@ -1,14 +1,17 @@
 """The golden check of a built bundle, as the export side logs it."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
 from sdrun.apps.check import check_bundle
 from sdrun.bundle.bundle import Bundle
 
+logger = logging.getLogger(__name__)
 
-def verify(root: Path, log: Callable[[str], None] = print) -> int:
+
+def verify(root: Path, log: Callable[[str], None] = logger.info) -> int:
     """Run the golden check; log one line per output; return the number of failures."""
     failures = 0
     for c in check_bundle(Bundle.load(root)):

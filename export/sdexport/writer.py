@@ -8,10 +8,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from sdrun.bundle.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 
 
 class BundleWriter:
+    """Writes plain files (no temp file and rename): `sdexport build` writes into a staging
+    folder that is moved into place whole when finished (`sdrun.files.replace_folder`)."""
+
     def __init__(self, root: str | Path, overwrite: bool = True):
         self.root = Path(root)
         if self.root.exists() and any(self.root.iterdir()):
@@ -88,8 +92,10 @@ class GoldenRecorder:
 def tool_versions() -> dict:
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
-    for dist in ("spotdiff", "torch", "transformers", "timm", "open-clip-torch", "onnx",
+    from sdrun.version import version
+
+    out = {"python": platform.python_version(), "spotdiff": version()}
+    for dist in ("torch", "transformers", "timm", "open-clip-torch", "onnx",
                  "onnxruntime", "numpy", "pillow", "torchvision"):
         try:
             out[dist] = md.version(dist)

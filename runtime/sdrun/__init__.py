@@ -14,14 +14,13 @@ The package is laid out by role; imports point one way (tests/test_layout.py):
     bundle/    the folder, its manifest, parameters and vocabulary
     errors, files, csvfile, version         used by all
 
-The names below are imported on first use, so `import sdrun` (and `sdrun --help`) stay
-fast; numpy, OpenCV, onnxruntime and scipy load only when a command needs them.
+The names below (and `__version__`, read from the package metadata) are imported on first
+use, so `import sdrun` (and `sdrun --help`) stay fast; numpy, OpenCV, onnxruntime and scipy
+load only when a command needs them.
 """
 from __future__ import annotations
 
 import importlib
-
-from .version import __version__  # noqa: F401  (in __all__)
 
 _EXPORTS = {
     "Bundle": ".bundle.bundle",
@@ -33,9 +32,10 @@ _EXPORTS = {
     "PairOutputs": ".pipeline",
     "PairResult": ".pipeline",
     "Pipeline": ".pipeline",
+    "__version__": ".version",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):

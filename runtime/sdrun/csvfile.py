@@ -12,6 +12,12 @@ from .errors import SpotdiffError
 
 DELIMITERS = (",", ";", "\t")
 
+# The three label columns, defined here once for every layer: a result's fields, their
+# CSV columns, and the header of a submission (and of a label CSV).
+COLUMNS = ("added", "removed", "changed")
+LABEL_COLUMNS = tuple(f"{c}_objs" for c in COLUMNS)  # added_objs, removed_objs, changed_objs
+SUBMISSION_COLUMNS = ("img_id", *LABEL_COLUMNS)
+
 
 class CsvError(SpotdiffError):
     """A CSV that cannot be read; the message names the file (and the line)."""
@@ -59,7 +65,7 @@ def read_csv(path: str | Path, role: str = "") -> tuple[list[str], Iterator[tupl
             for cells in reader:
                 if not any(c.strip() for c in cells):
                     continue
-                row = dict(zip(names, cells))
+                row: dict = dict(zip(names, cells))  # (str keys, and None for the surplus)
                 if len(cells) > len(names):
                     row[None] = cells[len(names):]  # as csv.DictReader's restkey
                 yield reader.line_num, row

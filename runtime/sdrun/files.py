@@ -1,6 +1,9 @@
 """Writing outputs without harming inputs, for every command that writes.
 
-- `atomic_write`: a file appears whole or not at all (its folder made if missing).
+- `atomic_write`: a file appears whole or not at all (its folder made if missing); the one
+  way every command writes a file that is read back or handed to the user.
+- `atomic_path`: the same for writers that need a path (torch.save, onnxruntime's
+  optimised-graph file): a temporary file beside the target, moved into place whole.
 - `check_output_paths`: an output file that is an input, lies in a protected folder (a
   bundle) or is another output of the same command is refused before anything runs.
 - `check_output_folder`: a folder a command creates or replaces whole (a bundle, a training
@@ -11,12 +14,13 @@
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 import hashlib
+import os
 import re
-from typing import Callable, Iterable, Mapping
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
 
 from .errors import SpotdiffError
 
@@ -25,19 +29,85 @@ class OutputPathError(SpotdiffError):
     """An output path that would overwrite an input or another output."""
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to a temporary file of this process beside `path`, then move it into
-    place: a reader never sees half a file, and two processes never share a temp file."""
-    path = Path(path)
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; best effort (some systems cannot open or fsync a
+    folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    try:  # Linux: read without changing it (os.umask sets it for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_beside(path: Path, suffix: str) -> tuple[int, Path]:
+    """A new temporary file beside `path` (its folder made if missing), with the permissions
+    a plain `open(path, "w")` would give (mkstemp's own are owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:  # a file system without permissions
+        pass
+    return fd, Path(tmp)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write `data` to a temporary file of this process beside `path`, flush it to disk, then
+    move it into place: a reader never sees half a file (not even after a crash), and two
+    processes never share a temp file."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        _move_into_place(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """`atomic_write` for writers that need a path: yields a new, empty temporary file beside
+    `path` (named `.<name>.<random><suffix>`; give a suffix ending in the extension when the
+    writer picks its format by it) for the block to write in full; when the block ends
+    without an exception the file is flushed to disk and moved to `path`, else deleted.
+    Data that is already in memory goes through `atomic_write`."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path, suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _move_into_place(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _key(path: Path) -> Path:

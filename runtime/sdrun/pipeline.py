@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar, cast
 
 import numpy as np
 
@@ -30,27 +30,20 @@ from .backends.memory import MemoryBudget
 from .backends.session import open_graph
 from .bundle.bundle import Bundle
 from .bundle.params import GATE_SIGNALS, POST_DEFAULTS, resolve, validate  # noqa: F401  (re-exported)
-from .stages import detect, heatmap, preprocess
+from .errors import BundleError
+from .models import (
+    ChangeModel,
+    Detections,
+    Detector,
+    Embedder,
+    ModelAdapter,
+    adapter_class,
+)
+from .stages import decide, detect, heatmap, preprocess
+from .stages.decide import COLUMNS, class_head_sets, gate_signal, gated  # noqa: F401  (re-exported)
 from .stages.fusion import weighted_boxes_fusion
 from .stages.images import DEFAULT_MAX_PIXELS, ImageError, as_rgb, load_image
 from .stages.matching import match_objects
-
-VIEWS_PER_PAIR = 4  # a, flip(a), b, flip(b)
-COLUMNS = ("added", "removed", "changed")
-
-
-
-@dataclass
-class Detections:
-    """Objects of one image: boxes x1y1x2y2 normalised to the image, scores, label indices."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-
-    @classmethod
-    def empty(cls) -> "Detections":
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
 @dataclass
@@ -143,24 +136,18 @@ class Pipeline:
                               allow_onnx_fallback=allow_onnx_fallback, group=self,
                               budget=self.memory_budget)
 
-        owl = b.model("owlvit")
-        self.owl_facts = owl["preprocess"]
-        self.owl_image = session("owlvit", "image")
-        self.owl_queries = detect.normalize_queries(b.array(owl["query_embeds_file"]).astype(np.float32))
-        self.owl_prompt_labels = b.array(owl["prompt_labels_file"])
-        self.gdino = None
-        if b.has("gdino"):
-            gd = b.model("gdino")
-            self.gdino = session("gdino", "model")
-            self.gd_facts = gd["preprocess"]
-            self.gd_size = tuple(gd["image_size"])
-            self.gd_text = {k: b.array(gd[f"{k}_file"]).astype(np.int64)
-                            for k in ("input_ids", "attention_mask", "token_type_ids")}
-            self.gd_token_labels = b.array(gd["token_labels_file"])
-        sm = b.model("siamese")
-        self.siamese, self.siamese_facts = session("siamese", "pair"), sm["preprocess"]
-        cl = b.model("clip")
-        self.clip, self.clip_facts = session("clip", "visual"), cl["preprocess"]
+        self.models: dict[str, ModelAdapter] = {
+            name: adapter_class(b, name)(b, session) for name in b.models}
+        by_role = {role: [m for m in self.models.values() if m.role == role]
+                   for role in ("detector", "change", "embedder")}
+        for role, found in by_role.items():
+            if not found or (role != "detector" and len(found) > 1):
+                raise BundleError(f"{b.root}: a bundle needs {'a' if role == 'detector' else 'one'} "
+                                  f"{role} model; it has {', '.join(m.name for m in found) or 'none'}")
+        # each adapter's `role` is its base class's (Detector, ChangeModel, Embedder)
+        self.detectors = cast("list[Detector]", by_role["detector"])  # WBF fuses them in this order
+        self.change_model = cast(ChangeModel, by_role["change"][0])
+        self.embedder = cast(Embedder, by_role["embedder"][0])
 
     @classmethod
     def load(cls, bundle: str | Path | Bundle, provider: str = "cpu", params: dict | None = None,
@@ -174,19 +161,18 @@ class Pipeline:
                    max_pixels=max_pixels)
 
     def open_sessions(self, parallel: bool = True) -> "Pipeline":
-        """Create every model's onnxruntime session now instead of at its first use (a
-        server does this before it takes traffic), several at once: onnxruntime builds
-        them without holding the GIL. Returns the pipeline."""
-        models = [m for m in (self.owl_image, self.gdino, self.siamese, self.clip)
-                  if m is not None and hasattr(m, "session")]
+        """Open every model's graphs now instead of at their first use (a server does this
+        before it takes traffic), several at once: onnxruntime builds sessions without
+        holding the GIL. Returns the pipeline."""
+        models = list(self.models.values())
         if parallel and len(models) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(len(models)) as pool:
-                list(pool.map(lambda m: m.session, models))
+                list(pool.map(lambda m: m.open(), models))
         else:
             for m in models:
-                m.session  # noqa: B018
+                m.open()
         return self
 
     # ---- stages -------------------------------------------------------------------
@@ -198,9 +184,7 @@ class Pipeline:
     def _detect(self, images: Sequence[np.ndarray]) -> tuple[list[Detections], list[list[tuple[str, Detections]]]]:
         """(fused detections per image, per image the decoded detections of every view)."""
         views = [v for im in images for v in (im, preprocess.hflip(im))]
-        per_view = [("owlvit", self._owlvit(views))]
-        if self.gdino is not None:
-            per_view.append(("gdino", self._gdino(views)))
+        per_view = [(d.name, d.detect(views, self.params)) for d in self.detectors]
         p = self.params
         out, named = [], []
         for i in range(len(images)):
@@ -212,24 +196,6 @@ class Pipeline:
             out.append(self._wbf(lists, p["wbf_iou_thr"], p["wbf_skip_box_thr"]))
             named.append(list(zip(names, lists)))
         return out, named
-
-    def _owlvit(self, views) -> list[Detections]:
-        o = self.owl_image.run({"pixel_values": preprocess.owlvit_pixels(views, self.owl_facts)})
-        thr = self.params["owlvit_score_thr"]
-        return [Detections(*detect.owlvit_detections(
-            o["pred_boxes"][k], o["class_embeds"][k], o["logit_shift"][k], o["logit_scale"][k],
-            self.owl_queries, self.owl_prompt_labels, thr)) for k in range(len(views))]
-
-    def _gdino(self, views) -> list[Detections]:
-        pixels, mask = preprocess.gdino_pixels(views, self.gd_facts, self.gd_size)
-        n = len(views)
-        feeds = {"pixel_values": pixels, "pixel_mask": mask,
-                 **{k: np.repeat(v, n, axis=0) for k, v in self.gd_text.items()}}
-        o = self.gdino.run(feeds)
-        thr = self.params["gdino_box_thr"]
-        return [Detections(*detect.gdino_detections(o["logits"][k], o["pred_boxes"][k],
-                                                    self.gd_token_labels, len(self.labels), thr))
-                for k in range(n)]
 
     @staticmethod
     def _wbf(lists: list[Detections], iou_thr: float, skip_box_thr: float) -> Detections:
@@ -243,49 +209,22 @@ class Pipeline:
         # a float32 round trip moves an edge across an integer often enough to matter.
         return Detections(boxes, scores, labels.astype(np.int64))
 
-    def change_maps(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]):
+    def change_maps(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """Siamese ViT on every pair in one call: (patch maps [N,gh,gw], change logits [N])."""
         return self.change_outputs(pairs)[:2]
 
-    def change_outputs(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]):
+    def change_outputs(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """`change_maps` plus the per-class change probabilities [N,3,V] (None when the
         model has no per-class heads)."""
-        x = preprocess.siamese_pixels([a for a, _ in pairs], [b for _, b in pairs], self.siamese_facts)
-        o = self.siamese.run({"pairs": x})
-        probs = None
-        if "class_logits" in o:
-            probs = 1.0 / (1.0 + np.exp(-o["class_logits"].astype(np.float64)))
-        return o["heat"], o["logit"], probs
+        return self.change_model.change(pairs)
 
     def embed_crops(self, images: Sequence[np.ndarray], boxes_px: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """CLIP embeddings of every box of every image, in as few calls as possible; a box
-        whose crop is empty (`preprocess.crop_bounds`) gets a row of NaN, which matching
-        reads as "no similarity: use the IoU", the notebook's fallback."""
-        # The crops are made chunk by chunk, as many as one CLIP call may take: thousands of
-        # candidate boxes (embed="all") are gigabytes of 224x224 float32 crops otherwise.
-        sizes = [len(b) for b in boxes_px]
-        offsets = np.cumsum([0, *sizes])  # box j of image i is row offsets[i] + j overall
-        total = int(offsets[-1])
-        step = getattr(self.clip, "max_batch", None) or max(1, total)
-        full = None
-        for start in range(0, total, step):
-            end = min(start + step, total)
-            made = [preprocess.clip_crops(images[i], np.asarray(boxes_px[i])[max(lo, start) - lo:min(hi, end) - lo],
-                                          self.clip_facts)
-                    for i, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])) if lo < end and hi > start]
-            ok = np.concatenate([o for _, o in made])
-            if not ok.any():
-                continue
-            embeds = self.clip.run({"crops": np.concatenate([c for c, _ in made])})["embeds"]
-            if full is None:
-                full = np.full((total, embeds.shape[1]), np.nan, embeds.dtype)
-            full[start + np.flatnonzero(ok)] = embeds
-        if full is None:
-            return [np.full((n, 0), np.nan, np.float32) for n in sizes]
-        return np.split(full, offsets[1:-1])
+        """The embedder's embedding of every box of every image (NaN rows for empty crops)."""
+        return self.embedder.embed(images, boxes_px)
 
     # ---- whole pairs -------------------------------------------------------------
-    def diff(self, a, b, pair_id: str | None = None) -> PairResult:
+    def diff(self, a: str | Path | np.ndarray, b: str | Path | np.ndarray, pair_id: str | None = None) -> PairResult:
         """One pair (paths or arrays). Raises ImageError for an unreadable image."""
         return self.diff_batch([(pair_id, a, b)])[0]
 
@@ -309,23 +248,24 @@ class Pipeline:
         images = [(_image(a, self.max_pixels), _image(b, self.max_pixels)) for _, a, b in pairs]
         dets, views = self._detect([im for pair in images for im in pair])
         patch_maps, logits, class_probs = self.change_outputs(images)
-        per_pair = params if isinstance(params, (list, tuple)) else [params] * len(images)
+        per_pair: Sequence[dict | None] = (params if isinstance(params, (list, tuple))
+                                           else [cast("dict | None", params)] * len(images))
         if len(per_pair) != len(images):
             raise ValueError(f"{len(per_pair)} parameter sets for {len(images)} pairs")
         heats, chosen, ims, px = [], [], [], []
         for n, (a, b) in enumerate(images):
-            p = self.resolve_params(per_pair[n])
+            rule = decide.KeepRule.of(self.resolve_params(per_pair[n]))
             pair_heats = []
             for k, im in enumerate((a, b)):
                 h, w = im.shape[:2]
                 d = dets[2 * n + k]
                 heat = heatmap.upsample_heat(patch_maps[n], h, w)
                 pair_heats.append(heat)
-                boxes_px = d.boxes * np.array([w, h, w, h], np.float64)
+                boxes_px = decide.pixel_boxes(d.boxes, h, w)
                 if embed == "all":
                     idx = np.arange(len(d.scores))
                 else:
-                    idx = np.flatnonzero(self._fused(heat, d, boxes_px, p)[1] >= p["det_thr"])
+                    idx = decide.kept_boxes(d.scores, boxes_px, heat, rule)[0]
                 chosen.append(idx)
                 ims.append(im)
                 px.append(boxes_px[idx])
@@ -356,23 +296,17 @@ class Pipeline:
         return resolve(self.params, params, source, self.class_heads)
 
 
-    @staticmethod
-    def _fused(heat, d: Detections, boxes_px, p) -> tuple[np.ndarray, np.ndarray]:
-        """(hot share, fused score) of every candidate box of one image."""
-        share = heatmap.hot_share(heat, boxes_px, p["heat_th"])
-        return share, heatmap.fuse_scores(d.scores, share, p["heat_lambda"])
-
     def finish(self, outputs: PairOutputs, params: dict | None = None) -> PairResult:
         """Everything after the models, for one pair: fused scores, kept boxes, matching,
         label sets, "none" gates. `params` override the pipeline's for this call only.
         Raises ValueError if a box these parameters keep has no embedding in `outputs`."""
         p = self.resolve_params(params)
+        rule = decide.KeepRule.of(p)
         heats = outputs.heatmaps()
         objs = []
         for k, ((h, w), heat, d) in enumerate(zip(outputs.image_sizes, heats, outputs.detections)):
-            boxes_px = d.boxes * np.array([w, h, w, h], np.float64)
-            share, fused = self._fused(heat, d, boxes_px, p)
-            idx = np.flatnonzero(fused >= p["det_thr"])
+            boxes_px = decide.pixel_boxes(d.boxes, h, w)
+            idx, share, fused = decide.kept_boxes(d.scores, boxes_px, heat, rule)
             emb = self._embeddings_of(outputs, k, idx)
             objs.append((d.boxes[idx], d.labels[idx], emb, boxes_px[idx], d.scores[idx],
                          fused[idx], share[idx]))
@@ -396,17 +330,16 @@ class Pipeline:
                                 "hot_share": round(float(share[k]), 6),
                                 "status": status[k], "partner": partner.get(k)})
         score = heatmap.change_score(heats[0])
-        sets = {"added": sorted({self.labels[int(lb[j])] for j in m.added}),
-                "removed": sorted({self.labels[int(la[i])] for i in m.removed}),
-                "changed": sorted({self.labels[int(la[i])] for i, _ in m.changed})}
+        sets = decide.label_sets(la, lb, decide.column_members(len(la), len(lb), m.pairs, m.changed),
+                                 self.labels)
         probs = None
         if outputs.class_probs is not None:
             probs = {col: {label: round(float(v), 6) for label, v in zip(self.labels, row)}
                      for col, row in zip(COLUMNS, outputs.class_probs)}
-            sets = class_head_sets(sets, probs, p)
-        signal = gate_signal(p, score, outputs.change_logit)
+            sets = decide.class_head_sets(sets, probs, p)
+        signal = decide.gate_signal(p, score, outputs.change_logit)
         for col in COLUMNS:
-            if gated(p.get(f"none_gate_{col}"), signal):
+            if decide.gated(p.get(f"none_gate_{col}"), signal):
                 sets[col] = []
         return PairResult(
             pair_id=outputs.pair_id, **sets, objects=objects, change_score=score,
@@ -444,45 +377,32 @@ class Pipeline:
             except (ImageError, ValueError) as e:
                 results[k] = PairResult(pair_id=pair_id, error=str(e))
         if loaded:
-            try:
-                batch_results = self.diff_batch([p for _, p in loaded])
-            except Exception:  # noqa: BLE001 - isolate the pair that breaks the batch
-                batch_results = [self._diff_or_error(p) for _, p in loaded]
+            batch_results = run_isolated(
+                [p for _, p in loaded], self.diff_batch,
+                lambda pair, e: PairResult(pair_id=pair[0], error=f"{type(e).__name__}: {e}"))
             for (k, _), r in zip(loaded, batch_results):
                 results[k] = r
         return [results[k] for k in range(len(batch))]
 
-    def _diff_or_error(self, pair: tuple) -> PairResult:
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def run_isolated(items: Sequence[T], run_batch: Callable[[Sequence[T]], Sequence[R]],
+                 on_error: Callable[[T, Exception], R]) -> list[R]:
+    """`run_batch(items)`; when the batch fails as a whole, each item alone, and an item that
+    still fails gets `on_error(item, exception)`: one bad pair never fails its batch (the
+    runner, the service's batcher and the cache all go through here)."""
+    try:
+        return list(run_batch(items))
+    except Exception as e:  # find the item that breaks the batch
+        if len(items) == 1:
+            return [on_error(items[0], e)]
+    out = []
+    for item in items:
         try:
-            return self.diff_batch([pair])[0]
-        except Exception as e:  # noqa: BLE001
-            return PairResult(pair_id=pair[0], error=f"{type(e).__name__}: {e}")
-
-
-def class_head_sets(sets: dict, probs: dict, params: dict) -> dict:
-    """The label sets with the per-class change heads' say: with `class_mode` "detectors"
-    a column keeps only the labels whose probability reaches `class_thr_<column>` (None:
-    all); with "heads" the column is every label whose probability reaches it (None: 0.5),
-    whatever the detectors found."""
-    out = {}
-    for col in COLUMNS:
-        thr = params.get(f"class_thr_{col}")
-        if params.get("class_mode", "detectors") == "heads":
-            cut = 0.5 if thr is None else thr
-            out[col] = sorted(w for w, v in probs[col].items() if v >= cut)
-        else:
-            out[col] = sets[col] if thr is None else [w for w in sets[col] if probs[col][w] >= thr]
+            out.append(run_batch([item])[0])
+        except Exception as e:
+            out.append(on_error(item, e))
     return out
-
-
-def gate_signal(params: dict, change_score: float, change_logit: float) -> float:
-    """The number the "none" gates compare with: the change score or the change logit."""
-    name = params.get("none_gate_signal") or "change_score"
-    if name not in GATE_SIGNALS:
-        raise ValueError(f"none_gate_signal must be one of {', '.join(GATE_SIGNALS)}, not {name!r}")
-    return change_score if name == "change_score" else change_logit
-
-
-def gated(gate, signal: float) -> bool:
-    """True when a column's gate says "none" for this signal (gate None/-inf: never)."""
-    return gate is not None and signal < float(gate)

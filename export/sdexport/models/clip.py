@@ -56,7 +56,7 @@ def load_torch(source: Source, ctx: BuildContext):
                 name, tag = source.id, None
             model, _, transform = open_clip.create_model_and_transforms(name, pretrained=tag or None)
             cfg = open_clip.get_model_config(name) if not name.startswith("hf-hub") else None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if source.kind == "hub":
             raise source.hub_error(e) from None
         raise source.local_error(f"{type(e).__name__}: {str(e).strip()[:300]}") from None
@@ -74,7 +74,7 @@ def _check_local(source: Source):
 
         with safe_open(str(folder / WEIGHTS_FILE), "pt"):
             pass
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise source.local_error(f"{folder / WEIGHTS_FILE} is not a readable safetensors file "
                                  f"({str(e).strip()[:200]})") from None
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sdrun.errors import SpotdiffError
 from torch import nn
+
+from sdrun.errors import SpotdiffError
 
 from ..context import (
     BuildContext,

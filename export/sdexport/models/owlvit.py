@@ -9,8 +9,9 @@ import math
 
 import numpy as np
 import torch
-from sdrun.bundle.vocab import make_prompts
 from torch import nn
+
+from sdrun.bundle.vocab import make_prompts
 
 from ..context import (
     BuildContext,
@@ -55,7 +56,7 @@ def load_torch(source: Source, ctx: BuildContext):
     try:
         model = OwlViTForObjectDetection.from_pretrained(source.id)
         processor = OwlViTProcessor.from_pretrained(source.id)
-    except Exception as e:  # noqa: BLE001 - every loading failure becomes one clear message
+    except Exception as e:  # every loading failure becomes one clear message
         if source.kind == "hub":
             raise source.hub_error(e) from None
         raise source.local_error(f"not a loadable save_pretrained folder ({type(e).__name__}: "

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sdrun.csvfile import COLUMNS
+
 from ..context import (
     BuildContext,
     export_onnx,
@@ -85,7 +87,7 @@ def backbone_for(source: Source):
         return timm.create_model(source.id, pretrained=True)
     except SourceError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if source.kind == "hub":
             raise source.hub_error(e) from None
         raise source.local_error(f"{type(e).__name__}: {str(e).strip()[:300]}") from None
@@ -104,7 +106,7 @@ def load_state_dict_file(path: Path) -> dict:
         if not isinstance(sd, dict):
             raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
         return sd
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise SourceError(f"--siamese-ckpt {path}: cannot be read as a state dict "
                           f"({type(e).__name__}: {str(e).strip()[:200]})") from None
 
@@ -263,5 +265,5 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext,
         "preprocess": heat_facts((h, w)),
     })
     if model.n_labels:  # per-class change heads: class_logits [N, 3, V] over the bundle's labels
-        entry["class_heads"] = {"columns": ["added", "removed", "changed"], "labels": len(ctx.vocabulary)}
+        entry["class_heads"] = {"columns": list(COLUMNS), "labels": len(ctx.vocabulary)}
     return entry

@@ -25,7 +25,6 @@ from sdrun.files import atomic_write
 from sdrun.stages.images import ImageError, load_image
 
 SIZE = (224, 224)
-COLUMNS = ("added", "removed", "changed")
 
 
 class TrainDataError(SpotdiffError):

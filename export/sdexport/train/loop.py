@@ -20,9 +20,9 @@ A run folder holds:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,23 +32,34 @@ import numpy as np
 import torch
 
 from sdrun.errors import SpotdiffError
-from sdrun.files import atomic_write, check_output_folder
+from sdrun.files import atomic_path, atomic_write, check_output_folder
 
 from ..models.siamese import SiameseViTChange, backbone_for
 from ..sources import parse_source
-from .data import (PairDataset, balanced_weights, check_both_kinds, collate, read_rows, split,
-                   write_split)
+from .data import (
+    PairDataset,
+    balanced_weights,
+    check_both_kinds,
+    collate,
+    read_rows,
+    split,
+    write_split,
+)
 from .losses import focal_loss_with_logits
 from .metrics import best_f1, macro_f1, roc_auc
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "spotdiff-train-change/1"
 
 # What a run writes into its folder (see the module docstring), and the temporary files
-# a run killed while writing leaves beside them.
+# a run killed while writing leaves beside them (".last.pt.tmp", ".best.safetensors.tmp":
+# those of earlier versions).
 RUN_FILES = ("config.json", "split.json", "metrics.jsonl", "last.pt", "best.safetensors",
              "best.json", "vocabulary.json", ".last.pt.tmp", ".best.safetensors.tmp")
-_ATOMIC_TMP = re.compile(r"\.(config\.json|split\.json|metrics\.jsonl|best\.json|vocabulary\.json)"
-                         r"\..+\.tmp")  # sdrun.files.atomic_write's
+_ATOMIC_TMP = re.compile(r"\.(config\.json|split\.json|metrics\.jsonl|best\.json|vocabulary\.json"
+                         r"|last\.pt|best\.safetensors)"
+                         r"\..+\.tmp")  # sdrun.files.atomic_write's and atomic_path's
 
 
 class TrainError(SpotdiffError):
@@ -187,7 +198,7 @@ def _load_checkpoint(path: Path, model, opt, sched, epochs: int, device: str) ->
     messages are not shown: a file that is no checkpoint of ours is never to be unpickled)."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001  (truncated, random bytes, another zip, a folder)
+    except Exception as e:  # truncated, random bytes, another zip, a folder
         raise _not_ours(path, "it cannot be read as a torch checkpoint (truncated, or another kind of "
                               f"file; {type(e).__name__})") from None
     if not isinstance(state, dict):
@@ -224,7 +235,7 @@ def _load_checkpoint(path: Path, model, opt, sched, epochs: int, device: str) ->
         if not isinstance(state["scheduler"], dict):
             raise TypeError("scheduler")
         sched.load_state_dict(state["scheduler"])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _not_ours(path, f"its optimizer or scheduler state does not fit this model "
                               f"({type(e).__name__})") from None
     return epoch, best
@@ -285,7 +296,7 @@ def evaluate(model, loader, per_class: bool, warn, device: str = "cpu") -> dict:
     losses, logits, ys, probs, cs, weights = [], [], [], [], [], []
     with torch.no_grad():
         for batch, broken in loader:
-            for i, err in broken:
+            for _i, err in broken:
                 warn(f"warning: validation pair skipped: {err}")
             if batch is None:
                 continue
@@ -327,7 +338,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
     from torch.utils.data import DataLoader, WeightedRandomSampler
     from tqdm import tqdm
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     run = Path(run_dir)
     config_path, last_path = run / "config.json", run / "last.pt"
     _check_config(cfg)
@@ -409,7 +420,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    disable=not progress, dynamic_ncols=True)
         for batch, broken in bar:
-            for i, err in broken:
+            for _i, err in broken:
                 skipped_total += 1
                 log(f"warning: training pair skipped: {err}")
             if batch is not None:
@@ -432,15 +443,14 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
         best_score = _number(best.get("score")) if best is not None else None
         if best is None or score > (best_score if best_score is not None else -math.inf):
             best = {"epoch": epoch, "score": score, **record}
-            save_file(_state_for_build(model), str(run / ".best.safetensors.tmp"),
-                      metadata={"format": FORMAT, "heads": cfg.heads, "epoch": str(epoch),
-                                "vocabulary": json.dumps(vocab if per_class else [])})
-            Path(run / ".best.safetensors.tmp").replace(run / "best.safetensors")
+            with atomic_path(run / "best.safetensors") as tmp:
+                save_file(_state_for_build(model), str(tmp),
+                          metadata={"format": FORMAT, "heads": cfg.heads, "epoch": str(epoch),
+                                    "vocabulary": json.dumps(vocab if per_class else [])})
             atomic_write(run / "best.json", to_json(best, indent=2) + "\n")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch, "best": to_json(best)},
-                   run / ".last.pt.tmp")
-        Path(run / ".last.pt.tmp").replace(last_path)
+        with atomic_path(last_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "epoch": epoch, "best": to_json(best)}, tmp)
         auc = "n/a" if record["val_auc"] is None else f"{record['val_auc']:.3f}"
         log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
             f"AUC {auc}, best F1 {record['val_best_f1']:.3f} ({record['seconds']:.1f} s)")

@@ -17,13 +17,13 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..bundle.params import MODEL_PARAMS, POST_PARAMS, ParamError, validate
 from ..errors import SpotdiffError
-from ..pipeline import PairResult, Pipeline
+from ..pipeline import PairResult, Pipeline, run_isolated
 
 REQUEST_PARAMS = tuple(k for k in POST_PARAMS) + ("det_thr", "iou_thr", "alpha", "heat_lambda", "heat_th")
 
@@ -36,7 +36,7 @@ class BatcherStopped(SpotdiffError):
     """The batcher does not take requests (not started, or stopping)."""
 
 
-def request_params(params, pipe: Pipeline | None = None, source: str = "params") -> dict:
+def request_params(params: object, pipe: Pipeline | None = None, source: str = "params") -> dict:
     """Per-request overrides, checked: post-model parameters only (a detector threshold
     would change the model phase of the whole batch); with `pipe`, also as a whole set
     with the pipeline's own (`Pipeline.resolve_params`), like every other source."""
@@ -82,7 +82,7 @@ class Batcher:
         self.max_queue = max_queue
         self.on_batch = on_batch  # called with (pairs, seconds) after each batch
         self.on_drop = on_drop  # called for each queued pair never computed (caller gone, drained)
-        self._queue: asyncio.Queue[_Request] | None = None
+        self._queue: asyncio.Queue[_Request | None] | None = None  # None in the queue: the end marker
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sdrun-batch")
         self._accepting = False
@@ -102,8 +102,8 @@ class Batcher:
     async def stop(self) -> None:
         """Take no more requests, answer every queued one, then end."""
         self._accepting = False
-        if self._task is not None:
-            await self._queue.put(None)  # type: ignore[arg-type]  (the end marker)
+        if self._task is not None and self._queue is not None:  # (start sets both)
+            await self._queue.put(None)  # the end marker
             await self._task
             self._task = None
         self._pool.shutdown(wait=True)
@@ -126,7 +126,7 @@ class Batcher:
             else:
                 self._refuse(req)
         if end:
-            self._queue.put_nowait(None)  # type: ignore[arg-type]  (stop's end marker stays)
+            self._queue.put_nowait(None)  # stop's end marker stays
 
     def _refuse(self, req: _Request) -> None:
         if not req.future.done():  # (a caller that left was counted when it left)
@@ -156,22 +156,24 @@ class Batcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        queue = self._queue
+        assert queue is not None  # start() makes the queue before this task
         ending = False
         while not ending:
-            first = await self._queue.get()
+            first = await queue.get()
             if first is None:
                 break
             batch = [first]
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_batch_pairs:
                 try:
-                    item = self._queue.get_nowait()
+                    item = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     left = deadline - loop.time()
                     if left <= 0:
                         break
                     try:
-                        item = await asyncio.wait_for(self._queue.get(), left)
+                        item = await asyncio.wait_for(queue.get(), left)
                     except asyncio.TimeoutError:
                         break
                 if item is None:
@@ -205,23 +207,16 @@ class Batcher:
     def _run(self, batch: list[_Request]) -> list:
         """Every pair's result (or exception): one model call for the batch, then each
         pair's own parameters; a batch that fails as a whole is run pair by pair."""
-        try:  # CLIP embeds the boxes each request's own parameters keep
-            outputs = self.pipe.model_outputs([(r.pair_id, r.a, r.b) for r in batch], embed="kept",
-                                              params=[r.params or None for r in batch])
-        except Exception:  # noqa: BLE001 - find the pair that breaks it
-            return [self._run_one(r) for r in batch]
-        answers: list = []
-        for r, o in zip(batch, outputs):
-            try:
-                answers.append(self.pipe.finish(o, r.params or None))
-            except Exception as e:  # noqa: BLE001
-                answers.append(e)
-        return answers
+        def run(requests: Sequence[_Request]) -> list:
+            # CLIP embeds the boxes each request's own parameters keep
+            outputs = self.pipe.model_outputs([(r.pair_id, r.a, r.b) for r in requests], embed="kept",
+                                              params=[r.params or None for r in requests])
+            answers: list = []
+            for r, o in zip(requests, outputs):
+                try:
+                    answers.append(self.pipe.finish(o, r.params or None))
+                except Exception as e:  # this pair's own failure
+                    answers.append(e)
+            return answers
 
-    def _run_one(self, r: _Request):
-        try:
-            return self.pipe.finish(self.pipe.model_outputs([(r.pair_id, r.a, r.b)],
-                                                            params=r.params or None)[0],
-                                    r.params or None)
-        except Exception as e:  # noqa: BLE001
-            return e
+        return run_isolated(batch, run, lambda r, e: e)

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 
-from ..files import id_file_stem
-from ..pipeline import Detections, PairOutputs, Pipeline
+from ..files import atomic_path, id_file_stem
+from ..pipeline import Detections, PairOutputs, Pipeline, run_isolated
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 MODEL_PARAMS = ("wbf_iou_thr", "wbf_skip_box_thr", "owlvit_score_thr", "gdino_box_thr")
@@ -60,7 +61,7 @@ def pair_digest(pair_id: str, a: str | Path, b: str | Path) -> str:
 
 # ---- one pair <-> npz --------------------------------------------------------------
 def save_outputs(path: Path, o: PairOutputs, key: str = "") -> None:
-    """Write atomically (temp file + os.replace): a killed run never leaves half a file."""
+    """Write atomically (sdrun.files.atomic_path): a killed run never leaves half a file."""
     arrays = {"format": np.int64(CACHE_VERSION), "key": np.str_(key), "pair_id": np.str_(o.pair_id or ""),
               "image_sizes": np.asarray(o.image_sizes, np.int64), "patch_map": o.patch_map,
               "change_logit": np.float64(o.change_logit), "model_seconds": np.float64(o.model_seconds),
@@ -75,11 +76,8 @@ def save_outputs(path: Path, o: PairOutputs, key: str = "") -> None:
     arrays["view_names"] = np.array(names, dtype=np.str_) if names else np.zeros(0, "<U1")
     for v, (_, d) in enumerate(o.views):
         arrays.update({f"view{v}_boxes": d.boxes, f"view{v}_scores": d.scores, f"view{v}_labels": d.labels})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no .npz
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def load_outputs(path: Path) -> tuple[PairOutputs, str]:
@@ -87,7 +85,8 @@ def load_outputs(path: Path) -> tuple[PairOutputs, str]:
     with np.load(path, allow_pickle=False) as z:
         if int(z["format"]) != CACHE_VERSION:
             raise ValueError(f"cache format {int(z['format'])}, expected {CACHE_VERSION}")
-        dets = tuple(Detections(z[f"boxes{k}"], z[f"scores{k}"], z[f"labels{k}"]) for k in (0, 1))
+        dets = cast("tuple[Detections, Detections]",
+                    tuple(Detections(z[f"boxes{k}"], z[f"scores{k}"], z[f"labels{k}"]) for k in (0, 1)))
         views = [(str(n), Detections(z[f"view{v}_boxes"], z[f"view{v}_scores"], z[f"view{v}_labels"]))
                  for v, n in enumerate(z["view_names"])]
         o = PairOutputs(
@@ -134,7 +133,7 @@ class OutputCache:
             return None
         try:
             o, key = load_outputs(path)
-        except Exception:  # noqa: BLE001 - a torn or foreign file is a miss
+        except Exception:  # a torn or foreign file is a miss
             return None
         if key != self.key or o.pair_id != str(pair_id) or not o.embeds_all:
             return None
@@ -144,7 +143,7 @@ class OutputCache:
         if not o.embeds_all:
             raise ValueError(f"pair {o.pair_id}: the cache keeps embeddings of every candidate; "
                              "make the outputs with embed='all'")
-        path = self.path(o.pair_id, digest)
+        path = self.path(str(o.pair_id), digest)
         save_outputs(path, o, self.key)
         return path
 
@@ -153,7 +152,7 @@ class OutputCache:
         """Outputs of every (id, a_path, b_path) pair: from the cache, or by running the
         models (embedding every candidate) and storing them. A pair whose images cannot be
         read is reported in `errors` (and through `warn`); the others go on."""
-        warn = warn or (lambda msg: print(msg, file=sys.stderr))
+        warn = warn or log.warning
         res = FillResult()
         todo = []
         for pair_id, a, b in pairs:
@@ -190,12 +189,9 @@ class OutputCache:
         return res
 
     def _run(self, batch, res: FillResult, warn) -> list[PairOutputs | None]:
-        try:
-            return self.pipe.model_outputs([(pid, a, b) for pid, a, b, _ in batch], embed="all")
-        except Exception as e:  # noqa: BLE001 - isolate the pair that breaks the batch
-            if len(batch) > 1:
-                return [o for item in batch for o in self._run([item], res, warn)]
-            pid = batch[0][0]
-            res.errors[pid] = f"{type(e).__name__}: {e}"
-            warn(f"error: pair {pid}: {res.errors[pid]}")
-            return [None]
+        def failed(item, e: Exception) -> None:
+            res.errors[item[0]] = f"{type(e).__name__}: {e}"
+            warn(f"error: pair {item[0]}: {res.errors[item[0]]}")
+
+        return run_isolated(batch, lambda items: self.pipe.model_outputs(
+            [(pid, a, b) for pid, a, b, _ in items], embed="all"), failed)

@@ -9,9 +9,11 @@ The references are always PyTorch fp32 outputs, whatever the graph's precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
+from ..backends.interface import Model
 from ..backends.session import open_graph
 from ..bundle.bundle import Bundle, golden_cases
 from ..stages.matching import linear_sum_assignment
@@ -67,14 +69,14 @@ def match_slots(run: dict, ref: dict, keys: list[str], axis: int = 1) -> tuple[d
     first = ref[keys[0]]
     moved = 0
     for b in range(first.shape[0]):
-        cost = 0.0
+        cost: np.ndarray | float = 0.0
         for k in keys:
             a = np.nan_to_num(np.moveaxis(ref[k][b], axis - 1, 0).reshape(first.shape[axis], -1),
                               posinf=0.0, neginf=0.0)
             r = np.nan_to_num(np.moveaxis(run[k][b], axis - 1, 0).reshape(first.shape[axis], -1),
                               posinf=0.0, neginf=0.0)
             cost = cost + np.abs(a[:, None, :] - r[None, :, :]).mean(-1)
-        rows, cols = linear_sum_assignment(cost)
+        rows, cols = linear_sum_assignment(np.asarray(cost))
         perm = cols[np.argsort(rows)]
         moved += int((perm != np.arange(len(perm))).sum())
         for k in keys:
@@ -96,7 +98,8 @@ class _StreamGroup:
     """A weak-referenceable owner of one CUDA stream (see sdrun.backends.trt.device_context)."""
 
 
-def check_graph(bundle: Bundle, model: str, graph: str, session, tolerance: float | None = None):
+def check_graph(bundle: Bundle, model: str, graph: str, session: Model, tolerance: float | None = None
+                ) -> Iterator[OutputCheck]:
     """Yield an `OutputCheck` per (case, output) of one graph run by `session` (anything with
     `run(feeds) -> dict`: an OnnxModel, a TrtModel). `tolerance` defaults to the model's."""
     entry = bundle.model(model)
@@ -122,7 +125,7 @@ def check_graph(bundle: Bundle, model: str, graph: str, session, tolerance: floa
 
 
 def check_bundle(bundle: Bundle, provider: str = "cpu", models: list[str] | None = None, *,
-                 allow_onnx_fallback: bool = False):
+                 allow_onnx_fallback: bool = False) -> Iterator[OutputCheck]:
     """Yield an `OutputCheck` per (model, graph, case, output).
 
     With provider "tensorrt" the bundle's engines for this GPU are checked, each

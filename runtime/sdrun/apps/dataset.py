@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from ..csvfile import read_csv
 from ..errors import SpotdiffError
 from ..files import pair_id_problem
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-SUBMISSION_COLUMNS = ("img_id", "added_objs", "removed_objs", "changed_objs")
 
 
 class DatasetError(SpotdiffError):
@@ -37,17 +37,19 @@ class _Finder:
     case (`10000_1.PNG` too; the folder is listed once, at the first miss)."""
 
     def __init__(self, folder: Path):
-        self.folder, self._by_lower = folder, None
+        self.folder = folder
+        self._by_lower: dict[str, Path] | None = None
 
     def __call__(self, stem: str) -> Path | None:
         for ext in IMAGE_EXTS:
             p = self.folder / f"{stem}{ext}"
             if p.exists():
                 return p
-        if self._by_lower is None:
-            self._by_lower = {q.name.lower(): q for q in self.folder.iterdir()}
-        return next((self._by_lower[f"{stem}{ext}".lower()] for ext in IMAGE_EXTS
-                     if f"{stem}{ext}".lower() in self._by_lower), None)
+        by_lower = self._by_lower
+        if by_lower is None:
+            by_lower = self._by_lower = {q.name.lower(): q for q in self.folder.iterdir()}
+        return next((by_lower[f"{stem}{ext}".lower()] for ext in IMAGE_EXTS
+                     if f"{stem}{ext}".lower() in by_lower), None)
 
 
 def read_ids(csv_path: Path) -> list[str]:
@@ -90,7 +92,7 @@ def list_pairs(data: str | Path, csv_path: str | Path | None = None) -> list[Pai
     return pairs
 
 
-def pair_inputs(pairs) -> list[tuple[str, Path]]:
+def pair_inputs(pairs: Iterable[PairSource | tuple]) -> list[tuple[str, Path]]:
     """Every image of `pairs` (PairSource or (id, a, b)) as (what it is, path), the inputs an
     output path is checked against (`sdrun.files.check_output_paths`)."""
     out = []
@@ -100,10 +102,10 @@ def pair_inputs(pairs) -> list[tuple[str, Path]]:
     return out
 
 
-def label_cell(labels) -> str:
+def label_cell(labels: Iterable[str]) -> str:
     labels = sorted(set(labels))
     return " ".join(labels) if labels else "none"
 
 
-def submission_row(pair_id: str, added, removed, changed) -> list[str]:
+def submission_row(pair_id: str, added: Iterable[str], removed: Iterable[str], changed: Iterable[str]) -> list[str]:
     return [pair_id, label_cell(added), label_cell(removed), label_cell(changed)]

@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, cast
 
 import cv2
 import numpy as np
 
 from ..bundle.vocab import normalize_label
-from ..files import id_file_stem
-from ..pipeline import COLUMNS, PairResult
+from ..csvfile import COLUMNS, SUBMISSION_COLUMNS
+from ..files import atomic_write, id_file_stem
+from ..pipeline import PairResult
 from .dataset import DatasetError, list_pairs, submission_row
 from .score import COLUMNS as CSV_COLUMNS
 from .score import Score, Sets, label_counts, list_ids, read_label_csv, score_sets
+
+log = logging.getLogger(__name__)
 
 REPORT_FILES = ("report.md", "predictions.csv", "pairs.csv", "score_vs_change.png")
 
@@ -47,17 +50,18 @@ def load_labelled(data: str | Path, csv_path: str | Path, normalize: bool = True
                   warn: Callable[[str], None] | None = None) -> Labelled:
     """The CSV's labelled rows and the pairs of DATA that have both images. Rows without
     images are skipped with one warning that names them; none at all is an error."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log.warning
     truth = read_label_csv(csv_path, normalize=normalize, role="labels")
     if not truth:
         raise DatasetError(f"{csv_path}: no labelled rows")
     sources = list_pairs(data, csv_path)
-    pairs, skipped = [], {}
+    pairs: list[tuple[str, Path, Path]] = []
+    skipped: dict[str, str] = {}
     for p in sources:
         if p.problem:
             skipped[p.pair_id] = p.problem
-        else:
-            pairs.append((p.pair_id, p.a, p.b))
+        else:  # no problem: both images were found
+            pairs.append((p.pair_id, cast(Path, p.a), cast(Path, p.b)))
     if skipped:
         first = next(iter(skipped.values()))
         warn(f"warning: {len(skipped)} of {len(truth)} labelled pair(s) cannot run and are left out: "
@@ -69,7 +73,8 @@ def load_labelled(data: str | Path, csv_path: str | Path, normalize: bool = True
 
 
 def predicted_sets(r: PairResult) -> Sets:
-    return tuple(frozenset(w for w in (normalize_label(x) for x in getattr(r, c)) if w) for c in COLUMNS)
+    return cast(Sets, tuple(frozenset(w for w in (normalize_label(x) for x in getattr(r, c)) if w)
+                            for c in COLUMNS))
 
 
 # ---- the report ---------------------------------------------------------------------
@@ -119,8 +124,9 @@ def _top(counts: dict[str, dict[str, int]], key: str, n: int = 5) -> str:
     return ", ".join(f"{label} ({k})" for k, label in items[:n]) or "none"
 
 
-def scatter_png(xs: Sequence[float], ys: Sequence[float], colours: Sequence[tuple[int, int, int]],
-                xlabel: str, ylabel: str, title: str, size: tuple[int, int] = (420, 320)) -> np.ndarray:
+def scatter_png(xs: Sequence[float] | np.ndarray, ys: Sequence[float] | np.ndarray,
+                colours: Sequence[tuple[int, int, int]], xlabel: str, ylabel: str, title: str,
+                size: tuple[int, int] = (420, 320)) -> np.ndarray:
     """A simple scatter plot as an RGB image (cv2 only): axes, 5 ticks per axis, points."""
     w, h = size
     left, right, top, bottom = 52, 14, 26, 40
@@ -172,7 +178,7 @@ def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Pat
                  header: Sequence[str] = (), worst: int = 12) -> Path:
     """Write the report folder; returns the path of report.md."""
     from ..stages.images import load_image
-    from .viz import render_pair
+    from .viz import render_pair, write_picture
 
     out = Path(out)
     (out / "worst").mkdir(parents=True, exist_ok=True)
@@ -181,11 +187,11 @@ def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Pat
 
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
-    w.writerow(("img_id", "added_objs", "removed_objs", "changed_objs"))
+    w.writerow(SUBMISSION_COLUMNS)
     for i in ids:
         r = ev.results[i]
         w.writerow(submission_row(i, r.added, r.removed, r.changed))
-    (out / "predictions.csv").write_text(rows.getvalue())
+    atomic_write(out / "predictions.csv", rows.getvalue())
 
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
@@ -195,7 +201,7 @@ def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Pat
         r, t, p = ev.results[i], ev.truth[i], predicted_sets(ev.results[i])
         w.writerow((i, f"{pair_scores[n]:.4f}", *(f"{v:.4f}" for v in s.per_row[n]), f"{r.change_score:.6f}",
                     f"{r.change_logit:.6f}", *(_cell(x) for x in t), *(_cell(x) for x in p)))
-    (out / "pairs.csv").write_text(rows.getvalue())
+    atomic_write(out / "pairs.csv", rows.getvalue())
 
     # the plot: pair score against the change score and the change logit
     colours = [(60, 160, 60) if not any(ev.truth[i]) else (40, 90, 220) for i in ids]
@@ -203,7 +209,7 @@ def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Pat
                           "pair score", "green: truth all none"),
               scatter_png([ev.results[i].change_logit for i in ids], pair_scores, colours, "change logit",
                           "pair score", "blue: something changed")]
-    cv2.imwrite(str(out / "score_vs_change.png"), np.concatenate(panels, axis=1)[..., ::-1])
+    write_picture(out / "score_vs_change.png", np.concatenate(panels, axis=1))
 
     md = ["# sdrun eval", "", *header, "",
           "## Metric", "",
@@ -249,12 +255,12 @@ def write_report(out: str | Path, ev: Evaluation, images: Mapping[str, tuple[Pat
         t = ev.truth[i]
         pic = _caption(pic, "truth: " + " | ".join(f"{SHORT[c]}: {_cell(t[k])}" for k, c in enumerate(CSV_COLUMNS)))
         name = worst_picture_path(out, i).relative_to(out).as_posix()
-        cv2.imwrite(str(out / name), pic[..., ::-1])
+        write_picture(out / name, pic)
         md += [f"![{i}]({name})", ""]
     md += ["## Score against change", "", "![score vs change](score_vs_change.png)", "",
            "Each point is a pair: its score (mean of the three columns' F1) against the change "
            "score (mean of the top 5% of the Siamese heatmap) and the change logit. If the "
            "all-\"none\" pairs (green) sit at low change values, a \"none\" gate (`sdrun tune`) helps.", ""]
     path = out / "report.md"
-    path.write_text("\n".join(md))
+    atomic_write(path, "\n".join(md))
     return path

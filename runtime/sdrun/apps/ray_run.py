@@ -32,6 +32,7 @@ Every wait on Ray is bounded:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -40,12 +41,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..backends.memory import GraphCost, available_memory, format_size, parse_size
 from ..errors import SpotdiffError
 from .dataset import PairSource
+
+if TYPE_CHECKING:
+    from ..bundle.bundle import Bundle
+
+log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 256 * 2**20  # a local cluster's object store: rows here are small JSON
 CONNECT_TIMEOUT_S = 30.0  # joining a cluster (`init_ray`), all checks together
@@ -69,7 +76,7 @@ class RayConnectError(RayError):
     """The cluster at --address cannot be reached or joined."""
 
 
-def import_ray():
+def import_ray() -> Any:
     try:
         import ray
     except ImportError as e:
@@ -122,7 +129,7 @@ def _bounded(fn: Callable, timeout_s: float) -> tuple[bool, object, BaseExceptio
     def go():
         try:
             box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001  (handed to the caller)
+        except BaseException as e:  # handed to the caller
             box["error"] = e
 
     t = threading.Thread(target=go, daemon=True, name="sdrun-ray-connect")
@@ -160,7 +167,8 @@ def probe_gcs(address: str, host: str, port: int, timeout_s: float) -> None:
     """That a Ray GCS answers at host:port within `timeout_s` (ray.init would retry a port
     that accepts connections but is no GCS, or a GCS that hangs, for minutes)."""
     try:
-        from ray._raylet import GcsClient
+        # private API, absent from ray's _raylet.pyi (unused-ignore: a Ray whose stub has it, or no Ray)
+        from ray._raylet import GcsClient  # type: ignore[attr-defined, unused-ignore]
     except ImportError:  # a Ray without it: ray.init's own timeouts apply
         return
     done, _, err = _bounded(lambda: GcsClient(address=f"{host}:{port}").cluster_id, timeout_s)
@@ -200,7 +208,7 @@ def find_auto_address() -> str:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             timeout_s: float = CONNECT_TIMEOUT_S):
+             timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
     """Connect to `address` ("auto", "host:6379", "ray://host:10001"; None: RAY_ADDRESS if set)
     or start a local cluster. An address that is not there fails within `timeout_s`
     (at once when its port is closed) with `RayConnectError`."""
@@ -224,7 +232,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         kind, host, port = parse_address(address) if address != "auto" else (kind, None, None)
     if kind == "client":
         require_ray_client(address)
-    if host is not None:
+    if host is not None and port is not None:  # (parse_address gives both or neither)
         check_reachable(address, kind, host, port, timeout_s)
         if kind == "gcs":
             probe_gcs(address, host, port, max(1.0, deadline - time.monotonic()))
@@ -237,7 +245,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 
 
 # ---- the pool of actors ---------------------------------------------------------------------
-def actor_memory(bundle, memory_budget: int | str | None = None) -> int:
+def actor_memory(bundle: Bundle | str | Path, memory_budget: int | str | None = None) -> int:
     """Bytes one actor needs: the graph files a Pipeline opens (onnxruntime holds their
     weights, about their size), plus its working memory: the largest single-input call of
     those graphs (the manifest's measured costs, else `FALLBACK_COSTS`; a call never runs
@@ -307,7 +315,7 @@ class Pool:
                 **({"memory": self.memory} if self.memory else {})}
 
 
-def cluster_memory(ray) -> float | None:
+def cluster_memory(ray: Any) -> float | None:
     """Bytes of memory the cluster can still give actors: Ray's unreserved "memory"
     resource, and on a cluster started here no more than this machine has available
     (Ray counts its total, not what other processes left)."""
@@ -317,8 +325,8 @@ def cluster_memory(ray) -> float | None:
     return min(float(free), available_memory("cpu")[0]) if _cluster["local"] else float(free)
 
 
-def plan_pool(ray, bundle, actors: int, cpus_per_actor: float, gpus_per_actor: float,
-              memory_budget, warn: Callable[[str], None]) -> Pool:
+def plan_pool(ray: Any, bundle: Bundle | str | Path, actors: int, cpus_per_actor: float, gpus_per_actor: float,
+              memory_budget: int | str | None, warn: Callable[[str], None]) -> Pool:
     """The pool the cluster can hold (`actors_that_fit`), warnings to `warn`; `RayError`
     when not one actor fits."""
     res = ray.cluster_resources()
@@ -339,7 +347,7 @@ def plan_pool(ray, bundle, actors: int, cpus_per_actor: float, gpus_per_actor: f
                 max(1, int(cpus_per_actor)))
 
 
-def bound_actor_start(ds, timeout_s: float):
+def bound_actor_start(ds: Any, timeout_s: float) -> Any:
     """Make the actors of `ds`'s map_batches start within `timeout_s` (else Ray Data raises
     GetTimeoutError; `_started_or_fail` turns it into `RayError`). A bound already set on
     the dataset's context is kept."""
@@ -384,7 +392,7 @@ class PairBatchActor:
 
 def ray_executor(bundle: str | Path, params: dict, actors: int = 1, cpus_per_actor: float = 1.0,
                  gpus_per_actor: float = 0.0, provider: str = "cpu", memory_budget: int | None = None,
-                 warn: Callable[[str], None] = print,
+                 warn: Callable[[str], None] = log.warning,
                  start_timeout_s: float = ACTOR_START_TIMEOUT_S) -> Callable:
     """A `run_dataset` executor running the batches on the Ray cluster `init_ray` joined.
     `memory_budget` (bytes) applies to each actor; None: each takes its share of what its
@@ -412,10 +420,10 @@ def ray_executor(bundle: str | Path, params: dict, actors: int = 1, cpus_per_act
     return execute
 
 
-def run_on_ray(ray_dataset, bundle: str | Path, params: dict | None = None, actors: int = 1,
+def run_on_ray(ray_dataset: Any, bundle: str | Path, params: dict | None = None, actors: int = 1,
                cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, provider: str = "cpu",
-               memory_budget: int | None = None, warn: Callable[[str], None] = print,
-               start_timeout_s: float = ACTOR_START_TIMEOUT_S):
+               memory_budget: int | None = None, warn: Callable[[str], None] = log.warning,
+               start_timeout_s: float = ACTOR_START_TIMEOUT_S) -> Any:
     """For a Ray Dataset of pairs you already have (columns `pair_id`, `a`, `b`: image
     paths): the same Dataset with one more column, `result`, each pair's JSON as `sdrun run`
     writes it (errors recorded, never raised). The pool is capped to what the cluster

@@ -19,19 +19,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, cast
 
+from ..csvfile import COLUMNS, SUBMISSION_COLUMNS
 from ..errors import SpotdiffError
 from ..files import atomic_write, id_file_stem
 from ..pipeline import PairResult, Pipeline
-from .dataset import SUBMISSION_COLUMNS, PairSource, submission_row
+from .dataset import PairSource, submission_row
+
+log = logging.getLogger(__name__)
 
 RUN_RECORD_FORMAT = "spotdiff-run/1"
-RECORD_KEYS = {"img_id": str, "added": list, "removed": list, "changed": list}
+RECORD_KEYS = {"img_id": str, **{c: list for c in COLUMNS}}
 
 
 class ResumeError(SpotdiffError):
@@ -92,7 +95,7 @@ def _record_problem(obj) -> str | None:
     if missing:
         return f"an object without {', '.join(missing)}: not a spotdiff record"
     wrong = [k for k, t in RECORD_KEYS.items() if not isinstance(obj[k], t)]
-    if wrong or not all(isinstance(w, str) for k in ("added", "removed", "changed") for w in obj[k]):
+    if wrong or not all(isinstance(w, str) for k in COLUMNS for w in obj[k]):
         return f"a record whose {', '.join(wrong) or 'label lists'} have the wrong type"
     return None
 
@@ -101,7 +104,7 @@ def read_done(details: Path, warn: Callable[[str], None] | None = None) -> dict[
     """img_id -> its complete JSON line, for pairs that ran without error. A torn last
     line (killed mid-write) is cut off; any other line that is not a spotdiff record is
     reported (by line number) and its pair runs again."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log.warning
     if not details.exists():
         return {}
     data = details.read_bytes()
@@ -110,10 +113,11 @@ def read_done(details: Path, warn: Callable[[str], None] | None = None) -> dict[
         with open(details, "r+b") as f:  # a torn last line: the run was killed writing it
             f.truncate(len(data) - len(lines[-1]))
         lines = lines[:-1]
-    done = {}
+    done: dict[str, str] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        problem: str | None
         try:
             obj = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -186,12 +190,12 @@ def run_dataset(pipe: Pipeline, pairs: list[PairSource], out_csv: Path, details:
     `execute` runs the batches still to do: given [(start, [PairSource, ...]), ...] it
     yields (start, results) in any order, a result being a PairResult or its JSON dict
     (`sdrun.apps.ray_run` runs them on a Ray cluster). Default: here, in order, with `pipe`."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log.warning
+    repeats = [p for p in pairs if (p.problem or "").startswith("duplicate id")]  # list_pairs marks them
     unique = [p for p in pairs if not (p.problem or "").startswith("duplicate id")]
-    duplicates = [p.pair_id for p in pairs if p not in unique]
-    for p in pairs:
-        if p.problem and p.pair_id in duplicates:
-            warn(f"error: {p.problem}")
+    duplicates = [p.pair_id for p in repeats]
+    for p in repeats:
+        warn(f"error: {p.problem}")
     record = run_record(pipe)
     resume = resume and not force_rerun
     details.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +233,8 @@ def run_dataset(pipe: Pipeline, pairs: list[PairSource], out_csv: Path, details:
                 if viz_dir is not None and isinstance(r, PairResult) and r.ok:
                     from .viz import save_pair_viz
 
-                    save_pair_viz(viz_picture_path(viz_dir, p.pair_id), p.a, p.b, r)
+                    # (a pair that ran has both images)
+                    save_pair_viz(viz_picture_path(viz_dir, p.pair_id), cast(Path, p.a), cast(Path, p.b), r)
             out.write("".join(lines))
             out.flush()
             os.fsync(out.fileno())

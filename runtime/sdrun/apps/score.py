@@ -22,14 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, cast
 
-from ..bundle.vocab import LABEL_COLUMNS, normalize_label, parse_label_cell
-from ..csvfile import CsvError, read_csv
+from ..bundle.vocab import normalize_label, parse_label_cell
+from ..csvfile import LABEL_COLUMNS, CsvError, read_csv
 from ..errors import SpotdiffError
 
 COLUMNS = LABEL_COLUMNS  # added_objs, removed_objs, changed_objs
-SHORT = {"added_objs": "added", "removed_objs": "removed", "changed_objs": "changed"}
 MAX_LISTED = 20
 
 Sets = tuple[frozenset, frozenset, frozenset]  # one row: added, removed, changed
@@ -75,7 +74,7 @@ def read_label_csv(path: str | Path, normalize: bool = False, role: str = "label
             if pid in rows:
                 dupes[pid] = dupes.get(pid, 1) + 1
                 continue
-            rows[pid] = tuple(cell_set(row.get(c), normalize) for c in COLUMNS)
+            rows[pid] = cast(Sets, tuple(cell_set(row.get(c), normalize) for c in COLUMNS))
     except CsvError as e:
         raise ScoreError(str(e)) from None
     problems = []
@@ -155,7 +154,8 @@ def score_sets(pred: Sequence[Sets], true: Sequence[Sets]) -> Score:
         raise ValueError(f"{len(pred)} predicted rows but {len(true)} true rows")
     if not true:
         raise ValueError("no rows to score")
-    per_row = [tuple(row_f1(p[k], t[k]) for k in range(3)) for p, t in zip(pred, true)]
+    per_row = [cast("tuple[float, float, float]", tuple(row_f1(p[k], t[k]) for k in range(3)))
+               for p, t in zip(pred, true)]
     row = {c: sum(r[k] for r in per_row) / len(per_row) for k, c in enumerate(COLUMNS)}
     micro = {}
     for k, c in enumerate(COLUMNS):

@@ -29,20 +29,32 @@ import base64
 import binascii
 import json
 import logging
+import math
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from ..bundle.params import ParamError
 from ..errors import SpotdiffError
 from ..stages.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .batcher import Batcher, BatcherStopped, QueueFull
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +117,7 @@ class Metrics:
         self.batch_seconds.observe(seconds)
 
 
-def bundle_info(pipe) -> dict:
+def bundle_info(pipe: Pipeline) -> dict:
     m = pipe.bundle.manifest
     return {"bundle": str(pipe.bundle.root), "content_id": pipe.bundle.content_id,
             "schema_version": m.get("schema_version"), "created": m.get("created"),
@@ -170,7 +182,7 @@ async def _read_pair(request: Request, config: ServeConfig) -> tuple[np.ndarray,
     elif kind == "multipart/form-data":
         try:
             form = await request.form(max_part_size=limit)
-        except Exception as e:  # noqa: BLE001 - starlette's parser errors
+        except Exception as e:  # starlette's parser errors
             raise RequestError(422, f"body: not a readable multipart form ({e})") from None
         images = []
         for name in ("image_a", "image_b"):
@@ -199,7 +211,8 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-def create_app(config: ServeConfig, pipe=None, on_fatal=None) -> FastAPI:
+def create_app(config: ServeConfig, pipe: Pipeline | None = None,
+               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     """The service. `pipe` (a Pipeline) skips loading `config.bundle`; the sessions are opened
     and warmed in the background either way (`app.state.sdrun_ready` is set when done).
     `on_fatal(message)` is called when loading fails (`serve` ends the process)."""
@@ -222,19 +235,26 @@ def create_app(config: ServeConfig, pipe=None, on_fatal=None) -> FastAPI:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
+        def fail(err: BaseException) -> None:
+            if not done.done():
+                done.set_exception(err)
+
+        def succeed(result) -> None:
+            if not done.done():
+                done.set_result(result)
+
         def work():
             try:
                 result = load()
-            except BaseException as e:  # noqa: BLE001 - reported below
-                err = e
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(err))
+            except BaseException as e:  # reported below
+                loop.call_soon_threadsafe(fail, e)
             else:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+                loop.call_soon_threadsafe(succeed, result)
 
         threading.Thread(target=work, name="sdrun-load", daemon=True).start()
         try:
             state["pipe"] = await done
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             state["error"] = f"loading {config.bundle} failed: {type(e).__name__}: {e}"
             log.error(state["error"])
             if on_fatal is not None:
@@ -330,7 +350,7 @@ def create_app(config: ServeConfig, pipe=None, on_fatal=None) -> FastAPI:
             raise RequestError(503, f"busy: {e}; retry after {config.retry_after_s} s") from None
         except BatcherStopped:
             raise RequestError(503, "shutting down") from None
-        except Exception as e:  # noqa: BLE001 - this pair failed in the models
+        except Exception as e:  # this pair failed in the models
             log.exception("a pair failed")
             raise RequestError(500, f"{type(e).__name__}: {e}") from None
         if viz:
@@ -358,7 +378,7 @@ def create_app(config: ServeConfig, pipe=None, on_fatal=None) -> FastAPI:
         except RequestError as e:
             status = e.status
             return error(e.status, str(e))
-        except Exception as e:  # noqa: BLE001 - counted and answered as what it is
+        except Exception as e:  # counted and answered as what it is
             log.exception("internal error")
             return error(500, f"internal error: {type(e).__name__}")
         finally:
@@ -392,7 +412,7 @@ def _bounded_h11(head_timeout_s: float):
                 log.info("closing a connection whose request did not arrive within %g s", head_timeout_s)
                 self.transport.close()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_timer()
 
@@ -434,7 +454,8 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
 
     app = create_app(config, on_fatal=fatal)
     uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_bounded_h11(config.read_timeout_s),
-                             timeout_graceful_shutdown=config.shutdown_timeout_s,
+                             # uvicorn takes whole seconds: a fraction is rounded up, never cut short
+                             timeout_graceful_shutdown=math.ceil(config.shutdown_timeout_s),
                              timeout_keep_alive=5,
                              limit_concurrency=config.max_queue + config.batch_pairs + 32)
     server = Server(uconfig)

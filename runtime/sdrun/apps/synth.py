@@ -13,13 +13,17 @@ Sizes are (height, width); images are uint8 RGB.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
 
 from ..bundle.vocab import normalize_label
+from ..csvfile import COLUMNS, SUBMISSION_COLUMNS
 from ..errors import SpotdiffError
+from ..files import atomic_write
 from .dataset import IMAGE_EXTS
 
 
@@ -107,7 +111,7 @@ def _overlaps(a, b, margin=3):
 
 def _colour(rng, far_from=None):
     while True:
-        hsv = np.uint8([[[rng.integers(0, 180), rng.integers(90, 256), rng.integers(90, 256)]]])
+        hsv = np.array([[[rng.integers(0, 180), rng.integers(90, 256), rng.integers(90, 256)]]], np.uint8)
         c = tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
         dist = np.abs(np.subtract(c, far_from if far_from is not None else -255))
         if dist.sum() > 150 and dist.max() > 100:
@@ -181,14 +185,15 @@ def _distract(rng, img, global_shift):
 def _classes(labels):
     if labels is None:
         return list(CLASSES)
-    out = [normalize_label(l) for l in labels]
-    bad = [l for l in out if l not in CLASSES]
+    out = [normalize_label(lab) for lab in labels]
+    bad = [lab for lab in out if lab not in CLASSES]
     if bad or not out:
         raise ValueError(f"cannot draw {bad or 'an empty label list'}; drawable: {', '.join(CLASSES)}")
     return out
 
 
-def make_pair(rng, size=(224, 224), labels=None):
+def make_pair(rng: np.random.Generator, size: tuple[int, int] = (224, 224), labels: Sequence[str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, set[str]], tuple[list[dict], list[dict]]]:
     """(img1, img2, truth, (objects1, objects2)) for one synthetic pair.
 
     truth = {"added", "removed", "changed"}: sets of labels. Objects are dicts
@@ -199,13 +204,13 @@ def make_pair(rng, size=(224, 224), labels=None):
     h, w = size
     classes = _classes(labels)
     bg = _background(rng, h, w)
-    objs1 = []
+    objs1: list[dict] = []
     for i in range(int(rng.integers(2, 7))):
         o = _place(rng, bg, str(rng.choice(classes)), objs1, oid=i)
         if o is not None:
             objs1.append(o)
     objs2 = [dict(o) for o in objs1]
-    truth = {"added": set(), "removed": set(), "changed": set()}
+    truth: dict[str, set[str]] = {"added": set(), "removed": set(), "changed": set()}
     next_id, touched = len(objs1), set()
     if rng.random() >= P_NO_CHANGE:  # else: no change at all, only distractors
         for op in rng.choice(OPS, size=int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1])), p=OP_P):
@@ -235,13 +240,13 @@ def make_pair(rng, size=(224, 224), labels=None):
     return images[0], images[1], truth, (objs1, objs2)
 
 
-def pair_rng(seed, i):
+def pair_rng(seed: int, i: int) -> np.random.Generator:
     """Pair i's generator: the same as np.random.default_rng(seed).spawn(n)[i] for any n > i."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
 
 
-def write_synthetic_pairs(out_dir, n_pairs, seed=0, size=(224, 224), labels=None,
-                          overwrite: bool = False) -> Path:
+def write_synthetic_pairs(out_dir: str | Path, n_pairs: int, seed: int = 0, size: tuple[int, int] = (224, 224),
+                          labels: Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """Write out_dir/data/{id}_1.png, {id}_2.png (ids 10000 + i) and out_dir/labels.csv.
 
     A folder that holds other images (another dataset, or more pairs from an earlier
@@ -268,12 +273,14 @@ def write_synthetic_pairs(out_dir, n_pairs, seed=0, size=(224, 224), labels=None
     for i in range(n_pairs):
         img_id = 10000 + i
         img1, img2, truth, _ = make_pair(pair_rng(seed, i), size, labels)
+        # plain writes: the images come first, labels.csv (written whole) makes them a dataset
         for k, img in ((1, img1), (2, img2)):
             cv2.imwrite(str(out_dir / "data" / f"{img_id}_{k}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        rows.append([img_id] + [" ".join(sorted(truth[k])) or "none" for k in ("added", "removed", "changed")])
+        rows.append([img_id] + [" ".join(sorted(truth[k])) or "none" for k in COLUMNS])
     path = out_dir / "labels.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["img_id", "added_objs", "removed_objs", "changed_objs"])
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(SUBMISSION_COLUMNS)
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
     return path

@@ -29,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -37,10 +37,12 @@ from ..bundle.params import check_value, combination_problem
 from ..bundle.vocab import normalize_label
 from ..errors import SpotdiffError
 from ..pipeline import COLUMNS, GATE_SIGNALS, PairOutputs, Pipeline
-from ..stages import heatmap
-from ..stages.fusion import iou_matrix
-from ..stages.matching import clip_similarity, linear_sum_assignment
-from .score import Sets, row_f1, score_sets
+from ..stages import decide, heatmap
+from ..stages.matching import assign, matched_and_changed, pair_matrices
+from .score import Score, Sets, row_f1, score_sets
+
+if TYPE_CHECKING:
+    from .evaluate import Labelled
 
 SWEPT = ("det_thr", "iou_thr", "alpha", "heat_lambda", "heat_th")
 DEFAULT_GRID = {
@@ -109,36 +111,26 @@ def _prepare(o: PairOutputs, heat_ths: Sequence[float], label_bits: Sequence[int
     if not o.embeds_all:
         raise TuneError(f"pair {o.pair_id}: outputs lack embeddings of some candidates")
     heats = o.heatmaps()
-    shares, boxes_px = {}, []
+    shares: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    boxes_px = []
     for (h, w), d in zip(o.image_sizes, o.detections):
-        boxes_px.append(d.boxes * np.array([w, h, w, h], np.float64))
+        boxes_px.append(decide.pixel_boxes(d.boxes, h, w))
     for th in heat_ths:
-        shares[th] = tuple(heatmap.hot_share(heat, px, th) for heat, px in zip(heats, boxes_px))
+        shares[th] = cast("tuple[np.ndarray, np.ndarray]",
+                          tuple(heatmap.hot_share(heat, px, th) for heat, px in zip(heats, boxes_px)))
     d0, d1 = o.detections
     return _Prep(labels=(d0.labels, d1.labels), scores=(d0.scores, d1.scores), boxes=(d0.boxes, d1.boxes),
-                 emb=tuple(np.asarray(e, np.float64) for e in o.embeds), shares=shares,
+                 emb=(np.asarray(o.embeds[0], np.float64), np.asarray(o.embeds[1], np.float64)), shares=shares,
                  signal={"change_score": heatmap.change_score(heats[0]), "change_logit": o.change_logit},
-                 bits=tuple([label_bits[int(l)] for l in d.labels] for d in o.detections))
+                 bits=([label_bits[int(lab)] for lab in d0.labels], [label_bits[int(lab)] for lab in d1.labels]))
 
 
-def _matrices(p: _Prep, ia: np.ndarray, ib: np.ndarray):
-    """`match_objects`' IoU, similarity and same-label matrices of the kept boxes, by the
-    same expressions on the same sub-arrays (a slice of the full matrices would differ in
-    the last bits: BLAS sums in another order for other shapes)."""
-    iou = iou_matrix(np.asarray(p.boxes[0][ia], np.float64), np.asarray(p.boxes[1][ib], np.float64))
-    sim = clip_similarity(p.emb[0][ia], p.emb[1][ib], iou)
-    same = p.labels[0][ia][:, None] == p.labels[1][ib][None, :]
-    return iou, sim, same
-
-
-def _assign(mats, alpha: float):
-    """`match_objects`' Hungarian step, before its thresholds: (rows, cols, same label,
-    affinity, IoU) of the assigned pairs (its cost does not depend on iou_thr)."""
-    iou, sim, same = mats
-    affinity = alpha * iou + (1.0 - alpha) * sim
-    cost = np.where(same, 1.0 - affinity, 1.0)
-    rows, cols = linear_sum_assignment(cost)
-    return rows, cols, same[rows, cols], affinity[rows, cols], iou[rows, cols]
+def _matrices(p: _Prep, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`match_objects`' matrices of the kept boxes, computed on the same sub-arrays (a slice
+    of the full matrices would differ in the last bits: BLAS sums in another order for
+    other shapes)."""
+    return pair_matrices(p.boxes[0][ia], p.labels[0][ia], p.emb[0][ia],
+                         p.boxes[1][ib], p.labels[1][ib], p.emb[1][ib])
 
 
 def _f1_bits(pred: int, true: int) -> float:
@@ -194,7 +186,7 @@ def sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str
             m |= bit(w)
         return m
 
-    label_bits = [bit(normalize_label(l)) for l in pipe.labels]
+    label_bits = [bit(normalize_label(lab)) for lab in pipe.labels]
     true_bits = [[mask(truth[i][k]) for i in ids] for k in range(3)]
     t0 = time.perf_counter()
     preps = [_prepare(outputs[i], grid["heat_th"], label_bits) for i in ids]
@@ -206,11 +198,12 @@ def sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str
 
     for n, p in enumerate(tqdm(preps, unit="pair", desc="sweep", disable=not progress, dynamic_ncols=True)):
         tb = [true_bits[k][n] for k in range(3)]
-        masks: dict = {}  # kept boxes -> (ia, ib, matrices)
+        masks: dict[tuple[bytes, bytes], tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
+        # kept boxes -> their matrices (None: nothing to match)
         done: dict = {}  # (kept boxes, alpha, iou_thr) -> F1 of the three columns
         assigned: dict = {}  # (kept boxes, alpha) -> Hungarian result
         for th, lam, det in itertools.product(grid["heat_th"], grid["heat_lambda"], grid["det_thr"]):
-            ia, ib = (np.flatnonzero(heatmap.fuse_scores(p.scores[k], p.shares[th][k], lam) >= det)
+            ia, ib = (decide.kept(heatmap.fuse_scores(p.scores[k], p.shares[th][k], lam), det)
                       for k in (0, 1))
             mk = (ia.tobytes(), ib.tobytes())
             if mk not in masks:
@@ -219,19 +212,19 @@ def sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str
                 for iou_thr in grid["iou_thr"]:
                     key = (mk, alpha, iou_thr)
                     if key not in done:
-                        if masks[mk] is None:  # match_objects: nothing to match
-                            sets = (_or(p.bits[1], ib), _or(p.bits[0], ia), 0)
+                        mats = masks[mk]
+                        if mats is None:  # match_objects: nothing to match
+                            matched, changed = [], []
                         else:
                             if (mk, alpha) not in assigned:
-                                assigned[(mk, alpha)] = _assign(masks[mk], alpha)
-                            rows, cols, same, aff, iou = assigned[(mk, alpha)]
-                            ok = same & (aff >= iou_thr)
-                            ch = ok & (iou < iou_thr)
-                            matched_a, matched_b = set(ia[rows[ok]].tolist()), set(ib[cols[ok]].tolist())
-                            # a changed pair is named by image 1's label (equal labels anyway)
-                            sets = (_or(p.bits[1], (j for j in ib.tolist() if j not in matched_b)),
-                                    _or(p.bits[0], (i for i in ia.tolist() if i not in matched_a)),
-                                    _or(p.bits[0], ia[rows[ch]].tolist()))
+                                assigned[(mk, alpha)] = assign(*mats, alpha)
+                            a = assigned[(mk, alpha)]
+                            ok, ch = matched_and_changed(a, iou_thr)
+                            matched = list(zip(a.rows[ok].tolist(), a.cols[ok].tolist()))
+                            changed = list(zip(a.rows[ch].tolist(), a.cols[ch].tolist()))
+                        added, removed, changed_a = decide.column_members(len(ia), len(ib), matched, changed)
+                        sets = (_or(p.bits[1], ib[added]), _or(p.bits[0], ia[removed]),
+                                _or(p.bits[0], ia[changed_a]))
                         done[key] = [_f1_bits(sets[k], tb[k]) for k in range(3)]
                     c = cindex.get((det, iou_thr, alpha, lam, th))
                     if c is not None:
@@ -289,7 +282,7 @@ def choose(sw: Sweep, train_ids: Sequence[str], val_ids: Sequence[str], grid: Ma
     for s in signals:
         cands = (gate_candidates(sw.signals[s][tr], grid.get("gate_quantiles", [])) if gates_on
                  else np.array([-np.inf]))
-        below = sw.signals[s][tr][None, :] < cands[:, None]  # [G, n]
+        below = decide.gated(cands[:, None], sw.signals[s][tr][None, :])  # [G, n]
         # [C, 3, G]: mean over training pairs of (gated ? truth empty : F1)
         scores = np.where(below[None, None], none_tr[None, :, None, :], f_tr[:, :, None, :]).mean(-1)
         gi = scores.argmax(-1)  # first max: "off" wins ties
@@ -299,11 +292,11 @@ def choose(sw: Sweep, train_ids: Sequence[str], val_ids: Sequence[str], grid: Ma
         s = max(signals, key=lambda s: (per_signal[s][0][c], -signals.index(s)))
         totals, gi, cands = per_signal[s]
         gates = {col: (None if gi[c, k] == 0 else float(cands[gi[c, k]])) for k, col in enumerate(COLUMNS)}
-        train_cols = [float(np.where(sw.signals[s][tr] < (cands[gi[c, k]]), none_tr[k], f_tr[c, k]).mean())
+        train_cols = [float(np.where(decide.gated(cands[gi[c, k]], sw.signals[s][tr]), none_tr[k], f_tr[c, k]).mean())
                       for k in range(3)]
         val_cols = None
         if len(va):
-            val_cols = [float(np.where(sw.signals[s][va] < cands[gi[c, k]], sw.truth_empty[k, va],
+            val_cols = [float(np.where(decide.gated(cands[gi[c, k]], sw.signals[s][va]), sw.truth_empty[k, va],
                                        sw.f1[c, k, va]).mean()) for k in range(3)]
         choices.append(Choice(cfg, s, gates, float(np.mean(train_cols)), float(f_tr[c].mean(-1).mean()),
                               None if val_cols is None else float(np.mean(val_cols)), train_cols, val_cols))
@@ -340,7 +333,6 @@ def head_sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mappin
     """For the detector parameters `base`: the metric with the heads off, with a per-column
     head threshold a detector label must also reach, and with the heads alone naming the
     labels; each mode's thresholds chosen per column on `train`. Best on train first."""
-    from ..pipeline import gate_signal, gated
 
     off = {**base, "class_mode": "detectors", **{f"class_thr_{c}": None for c in COLUMNS}}
     index = {w: j for j, w in enumerate(pipe.labels)}
@@ -349,9 +341,9 @@ def head_sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mappin
     for i in [*train, *val]:
         o = outputs[i]
         r = pipe.finish(o, off)
-        shut = [gated(p.get(f"none_gate_{c}"), gate_signal(p, r.change_score, r.change_logit))
+        shut = [decide.gated(p.get(f"none_gate_{c}"), decide.gate_signal(p, r.change_score, r.change_logit))
                 for c in COLUMNS]
-        rows[i] = (r, o.class_probs, shut)
+        rows[i] = (r, cast(np.ndarray, o.class_probs), shut)  # the caller checked: every pair has them
 
     def column_f1(ids, mode, k, t) -> float:
         if not ids:
@@ -371,13 +363,15 @@ def head_sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mappin
     for mode in HEAD_MODES:
         candidates = [None] if mode == "off" else ([None, *HEAD_THRESHOLDS] if mode == "detectors"
                                                    else list(HEAD_THRESHOLDS))
-        thresholds, tr_cols, va_cols = {}, [], []
+        thresholds, tr_cols = {}, []
+        va_cols: list[float] = []
         for k, c in enumerate(COLUMNS):
             scored = [(column_f1(train, mode, k, t), t) for t in candidates]
             best_f1, best_t = max(scored, key=lambda st: (round(st[0], 12), -(st[1] or 0.0)))
             thresholds[c] = best_t
             tr_cols.append(best_f1)
-            va_cols.append(column_f1(val, mode, k, best_t) if val else None)
+            if val:
+                va_cols.append(column_f1(val, mode, k, best_t))
         out.append(HeadChoice(mode, thresholds, sum(tr_cols) / 3,
                               sum(va_cols) / 3 if val else None))
     return sorted(out, key=lambda h: (-round(h.train, 12), HEAD_MODES.index(h.mode)))
@@ -385,13 +379,13 @@ def head_sweep(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mappin
 
 # ---- exact evaluation through Pipeline.finish ---------------------------------------
 def finish_score(pipe: Pipeline, outputs: Mapping[str, PairOutputs], truth: Mapping[str, Sets],
-                 ids: Sequence[str], params: Mapping | None = None):
+                 ids: Sequence[str], params: Mapping | None = None) -> Score:
     """The metric of `Pipeline.finish` with these parameters on these pairs (both sides
     normalised as in the sweep)."""
     pred = []
     for i in ids:
         r = pipe.finish(outputs[i], dict(params or {}))
-        pred.append(tuple(frozenset(normalize_label(w) for w in getattr(r, c)) for c in COLUMNS))
+        pred.append(cast(Sets, tuple(frozenset(normalize_label(w) for w in getattr(r, c)) for c in COLUMNS)))
     return score_sets(pred, [truth[i] for i in ids])
 
 
@@ -473,7 +467,7 @@ class TuneSummary:
         return self.best_val_exact > self.current_val + 1e-12
 
 
-def run_tune(pipe: Pipeline, labelled, val_frac: float = 0.2, seed: int = 0, grid: Mapping | None = None,
+def run_tune(pipe: Pipeline, labelled: Labelled, val_frac: float = 0.2, seed: int = 0, grid: Mapping | None = None,
              cache_dir: str | Path | None = None, batch_pairs: int = 1, progress: bool = True,
              warn: Callable[[str], None] | None = None) -> TuneSummary:
     """Fill the cache, sweep, choose; nothing is written (see `write_choice`)."""
@@ -503,7 +497,7 @@ def run_tune(pipe: Pipeline, labelled, val_frac: float = 0.2, seed: int = 0, gri
     cur_va = finish_score(pipe, outputs, labelled.truth, val).mean if val else None
     best_tr = finish_score(pipe, outputs, labelled.truth, train, best.params()).mean
     best_va = finish_score(pipe, outputs, labelled.truth, val, best.params()).mean if val else None
-    none = [(frozenset(),) * 3]
+    none: list[Sets] = [(frozenset(), frozenset(), frozenset())]
     none_tr = score_sets(none * len(train), [labelled.truth[i] for i in train]).mean
     none_va = score_sets(none * len(val), [labelled.truth[i] for i in val]).mean if val else None
     kept = 0

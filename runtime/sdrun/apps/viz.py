@@ -3,11 +3,16 @@ the change heatmap blended in."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+from ..files import atomic_write
 from ..stages.images import as_rgb, load_image
+
+if TYPE_CHECKING:
+    from ..pipeline import PairResult
 
 COLOURS = {  # RGB
     "added": (40, 200, 60),
@@ -18,7 +23,7 @@ COLOURS = {  # RGB
 HEAT_ALPHA = 0.35
 
 
-def render_pair(a: np.ndarray, b: np.ndarray, result, heat_alpha: float = HEAT_ALPHA) -> np.ndarray:
+def render_pair(a: np.ndarray, b: np.ndarray, result: PairResult, heat_alpha: float = HEAT_ALPHA) -> np.ndarray:
     """RGB uint8 picture: image 1 | image 2, heatmap overlaid, boxes and labels drawn."""
     panels = []
     for image_no, img in ((1, as_rgb(a)), (2, as_rgb(b))):
@@ -78,10 +83,19 @@ def wrap_text(text: str, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def save_pair_viz(path: str | Path, a, b, result) -> Path:
+def write_picture(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write an RGB picture whole (`atomic_write`; its folder made if missing), in the
+    format of the file's extension (as cv2.imwrite)."""
+    path = Path(path)
+    ok, encoded = cv2.imencode(path.suffix, np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise OSError(f"{path}: the picture could not be encoded as {path.suffix or '(no extension)'}")
+    atomic_write(path, encoded.tobytes())
+    return path
+
+
+def save_pair_viz(path: str | Path, a: str | Path | np.ndarray, b: str | Path | np.ndarray,
+                  result: PairResult) -> Path:
     a = load_image(a) if isinstance(a, (str, Path)) else a
     b = load_image(b) if isinstance(b, (str, Path)) else b
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), render_pair(a, b, result)[..., ::-1])
-    return path
+    return write_picture(path, render_pair(a, b, result))

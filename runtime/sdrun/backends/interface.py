@@ -13,6 +13,7 @@ ORT_PROVIDERS = {  # sdrun's name -> onnxruntime's
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
 }
+# every provider sdrun knows (the one list: --provider's choices, open_graph's check)
 ALL_PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32")
 
 
@@ -20,7 +21,10 @@ ALL_PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32")
 class Model(Protocol):
     """A graph that runs: named arrays in, named arrays out."""
 
-    check_tolerance: float | None  # rel-L2 its golden check allows (None: the bundle's)
+    @property
+    def check_tolerance(self) -> float | None:
+        """The rel-L2 its golden check allows (None: the bundle's)."""
+        ...
 
     @property
     def input_names(self) -> list[str]: ...
@@ -29,3 +33,7 @@ class Model(Protocol):
     def output_names(self) -> list[str]: ...
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def open(self) -> "Model":
+        """Load the graph now (every backend loads at the first use otherwise); returns it."""
+        ...

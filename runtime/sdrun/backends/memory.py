@@ -271,7 +271,7 @@ class BudgetedModel:
         self.calls = 0  # model calls made (chunks), for tests and benchmarks
 
     @property
-    def check_tolerance(self):
+    def check_tolerance(self) -> float | None:
         return self.model.check_tolerance
 
     @property
@@ -282,7 +282,11 @@ class BudgetedModel:
     def output_names(self) -> list[str]:
         return self.model.output_names
 
-    def __getattr__(self, name):  # session, provider, open(), ... of the wrapped model
+    def open(self) -> "BudgetedModel":
+        self.model.open()
+        return self
+
+    def __getattr__(self, name):  # session, provider, ... of the wrapped model
         if name == "model":
             raise AttributeError(name)
         return getattr(self.model, name)

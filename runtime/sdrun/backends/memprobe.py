@@ -23,10 +23,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence, cast
 
 import numpy as np
 
 from ..errors import SpotdiffError
+
+if TYPE_CHECKING:
+    from ..bundle.bundle import Bundle
 
 BATCHES = (1, 2, 8, 32, 128)
 MiB = 2**20
@@ -37,7 +41,7 @@ ENOUGH_PEAK = 256 * MiB
 ENOUGH_SECONDS = 15.0
 
 
-def golden_rows(bundle, model: str, graph: str) -> list[dict[str, np.ndarray]]:
+def golden_rows(bundle: Bundle, model: str, graph: str) -> list[dict[str, np.ndarray]]:
     """The first row of each golden case's inputs of `graph` (distinct inputs)."""
     from ..bundle.bundle import golden_cases
 
@@ -49,19 +53,20 @@ def golden_rows(bundle, model: str, graph: str) -> list[dict[str, np.ndarray]]:
     return rows
 
 
-def golden_inputs(bundle, model: str, graph: str) -> dict[str, np.ndarray]:
+def golden_inputs(bundle: Bundle, model: str, graph: str) -> dict[str, np.ndarray]:
     """The first golden case's inputs of `graph`, first row only."""
     return golden_rows(bundle, model, graph)[0]
 
 
 def same_rows(batched: dict[str, np.ndarray], alone: dict[str, np.ndarray]) -> bool:
-    """Whether every row of `batched` has the bits of the first (only) row of `alone`. Grounding DINO's have not: onnxruntime's CPU kernels split some work by the
-    call's shape, a few last bits move, and its two-stage top-k then swaps query slots."""
+    """Whether every row of `batched` has the bits of the first (only) row of `alone`. Grounding DINO's
+    have not: onnxruntime's CPU kernels split some work by the call's shape, a few last bits move, and
+    its two-stage top-k then swaps query slots."""
     return all(np.array_equal(row, alone[k][0], equal_nan=row.dtype.kind == "f")
                for k, v in batched.items() for row in v)
 
 
-def measure_here(bundle_root: str | Path, model: str, graph: str, batches=BATCHES,
+def measure_here(bundle_root: str | Path, model: str, graph: str, batches: Sequence[int] = BATCHES,
                  threads: int | None = None) -> dict:
     """Measure in this process (which should be fresh: see `measure`)."""
     from ..bundle.bundle import Bundle
@@ -78,7 +83,8 @@ def measure_here(bundle_root: str | Path, model: str, graph: str, batches=BATCHE
     mixed = session.run({k: np.concatenate([r[k] for r in rows]) for k in feeds})
     invariant = all(same_rows({k: v[i:i + 1] for k, v in mixed.items()}, a) for i, a in enumerate(alones))
     del mixed
-    idle = idle_before = rss_bytes()
+    # /proc values: None only off Linux, where reset_peak_rss() below refuses first
+    idle = idle_before = cast(int, rss_bytes())
     peaks, seconds = {}, {}
     for n in batches:
         if not reset_peak_rss():
@@ -89,9 +95,9 @@ def measure_here(bundle_root: str | Path, model: str, graph: str, batches=BATCHE
         seconds[n] = time.perf_counter() - t0
         invariant = invariant and same_rows(outs, alone)
         del outs
-        peaks[n] = peak_rss_bytes() - idle
+        peaks[n] = cast(int, peak_rss_bytes()) - idle
         del batch
-        idle = min(idle, rss_bytes())
+        idle = min(idle, cast(int, rss_bytes()))
         if len(peaks) >= 2 and (peaks[n] >= ENOUGH_PEAK or seconds[n] >= ENOUGH_SECONDS):
             break
     done = list(peaks)
@@ -101,11 +107,11 @@ def measure_here(bundle_root: str | Path, model: str, graph: str, batches=BATCHE
     return {"fixed_bytes": int(fixed), "per_input_bytes": int(per_input), "batch_invariant": invariant,
             "measured": {"batches": done, "call_peak_bytes": [int(peaks[n]) for n in done],
                          "call_seconds": [round(seconds[n], 3) for n in done],
-                         "idle_rss_bytes": int(idle_before), "rss_after_bytes": int(rss_bytes()),
+                         "idle_rss_bytes": int(idle_before), "rss_after_bytes": int(cast(int, rss_bytes())),
                          "arena": session.arena}}
 
 
-def measure(bundle_root: str | Path, model: str, graph: str, batches=BATCHES,
+def measure(bundle_root: str | Path, model: str, graph: str, batches: Sequence[int] = BATCHES,
             threads: int | None = None, timeout: float = 1800) -> dict:
     """`measure_here` in a fresh Python process; SpotdiffError if it fails."""
     cmd = [sys.executable, "-m", "sdrun.backends.memprobe", str(bundle_root), model, graph,

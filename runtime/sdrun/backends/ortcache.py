@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from ..bundle.digests import DigestCache, cache_dir
+from ..files import atomic_path
 from .cpu import cpu_info
 
 SUBDIR = "ort-graphs"
@@ -51,7 +52,7 @@ def cached_graph_path(graph: Path, ort_version: str, level: int, digests: Digest
     return cache_dir() / SUBDIR / f"{cache_key(digest, ort_version, level)}.ort"
 
 
-def create_session(ort, graph: Path, opts, providers: list):
+def create_session(ort: Any, graph: Path, opts: Any, providers: list) -> Any:
     """An onnxruntime InferenceSession of `graph` (CPU provider), through the cache."""
     level = int(opts.graph_optimization_level)
     if not enabled() or level == int(ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
@@ -63,7 +64,7 @@ def create_session(ort, graph: Path, opts, providers: list):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return ort.InferenceSession(str(cached), sess_options=opts, providers=providers)
-        except Exception as e:  # noqa: BLE001 - a bad cache entry must never stop a run
+        except Exception as e:  # a bad cache entry must never stop a run
             warnings.warn(f"{cached}: cached optimised graph unusable ({type(e).__name__}: {e}); "
                           f"using {graph}", RuntimeWarning, stacklevel=2)
             try:
@@ -71,20 +72,17 @@ def create_session(ort, graph: Path, opts, providers: list):
             except OSError:
                 pass
             opts.graph_optimization_level = ort.GraphOptimizationLevel(level)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp.ort")
+    session = None
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        opts.optimized_model_filepath = str(tmp)
-    except OSError:
-        tmp = None
-    session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
-    if tmp is not None:
-        try:
-            if tmp.is_file():
-                os.replace(tmp, cached)
-        except OSError:
-            pass
-        finally:
-            if tmp.exists():
-                tmp.unlink(missing_ok=True)
+        # onnxruntime saves the optimised graph while it makes the session; the format
+        # follows the file's extension
+        with atomic_path(cached, suffix=".tmp.ort") as tmp:
+            opts.optimized_model_filepath = str(tmp)
+            session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+            if tmp.stat().st_size == 0:  # nothing saved: no empty file in the cache
+                raise FileNotFoundError(f"{tmp}: no optimised graph saved")
+    except OSError:  # the cache cannot be written: never an error
+        if session is None:
+            opts.optimized_model_filepath = ""
+            session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
     return session

@@ -11,6 +11,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,8 +20,8 @@ from .cpu import int8_clipping_warning
 from .interface import ALL_PROVIDERS, ORT_PROVIDERS, Model
 from .memory import BudgetedModel, GraphCost, MemoryBudget
 
-PROVIDERS = ORT_PROVIDERS
-
+if TYPE_CHECKING:
+    from ..bundle.bundle import Bundle
 
 # What onnxruntime does with the memory of a call's activations once the call is over
 # (measured on the full-size bundle: benchmarks/results/graph_memory*.md):
@@ -42,7 +43,7 @@ class OnnxModel:
     Sessions are thread-safe for `run` in onnxruntime; creation is lazy and locked.
     """
 
-    check_tolerance = None  # the bundle's own tolerance applies
+    check_tolerance: float | None = None  # the bundle's own tolerance applies
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None,
                  device: int = 0, arena: str | None = None):
@@ -50,10 +51,10 @@ class OnnxModel:
         self.arena = arena or os.environ.get("SDRUN_ORT_ARENA") or DEFAULT_ARENA
         if self.arena not in ARENA_MODES:
             raise ProviderError(f"arena mode {self.arena!r}: choose one of {', '.join(ARENA_MODES)}")
-        self._run_options = None
-        if provider not in PROVIDERS:
+        self._run_options: Any = None  # onnxruntime's RunOptions, for the "shrink" arena
+        if provider not in ORT_PROVIDERS:
             raise ProviderError(f"unknown provider {provider!r} for onnxruntime; choose one of "
-                                f"{', '.join(PROVIDERS)}")
+                                f"{', '.join(ORT_PROVIDERS)}")
         self.provider = provider
         self.device = device
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -64,8 +65,13 @@ class OnnxModel:
         if provider != "cpu":
             require_ort_provider(provider)  # fail now, not at the first run
 
+    def open(self) -> "OnnxModel":
+        """Create the onnxruntime session now (it is created at the first use otherwise)."""
+        self.session  # noqa: B018
+        return self
+
     @property
-    def session(self):
+    def session(self) -> Any:  # onnxruntime.InferenceSession
         if self._session is None:
             with self._lock:
                 if self._session is None:
@@ -107,7 +113,7 @@ class OnnxModel:
                 session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except SpotdiffError:
             raise
-        except Exception as e:  # noqa: BLE001  (onnxruntime's InvalidProtobuf, Fail, ... derive from Exception)
+        except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, ... derive from Exception
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise BundleError(f"{self.path}: onnxruntime cannot load this graph "
                               f"({type(e).__name__}: {detail[:300]}); rebuild the bundle "
@@ -138,7 +144,7 @@ def require_ort_provider(provider: str) -> str:
     """The onnxruntime provider name for `provider`; ProviderError naming what to install."""
     import onnxruntime as ort
 
-    wanted = PROVIDERS[provider]
+    wanted = ORT_PROVIDERS[provider]
     available = ort.get_available_providers()
     if wanted not in available:
         hint = " (pip install onnxruntime-gpu, in place of onnxruntime)" if provider == "cuda" else ""
@@ -148,9 +154,9 @@ def require_ort_provider(provider: str) -> str:
     return wanted
 
 
-def open_graph(bundle, model: str, graph: str, provider: str = "cpu",
+def open_graph(bundle: Bundle, model: str, graph: str, provider: str = "cpu",
                threads: int | None = None, *, allow_onnx_fallback: bool = False,
-               group=None, budget: MemoryBudget | None = None):
+               group: object | None = None, budget: MemoryBudget | None = None) -> Model:
     """The runnable form of one graph of a bundle for this provider.
 
     "tensorrt" opens the bundle's engine for this GPU and TensorRT version (see

@@ -35,13 +35,16 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..errors import BundleError, ProviderError
-from .interface import Model
+from .interface import ALL_PROVIDERS, Model
 from .memory import run_in_chunks
+
+if TYPE_CHECKING:
+    from ..bundle.bundle import Bundle
 
 ENGINE_DIR = "trt"
 PRECISIONS = ("fp16", "fp32")
@@ -85,9 +88,9 @@ def engine_file(key: str, model: str, graph: str) -> str:
 
 
 # ---- optional imports --------------------------------------------------------------
-def import_tensorrt():
+def import_tensorrt() -> Any:
     try:
-        import tensorrt  # noqa: PLC0415
+        import tensorrt
     except ImportError as e:
         raise ProviderError(
             "TensorRT engines (provider 'tensorrt', sdexport engines) need NVIDIA TensorRT's "
@@ -102,20 +105,20 @@ class CudaApi:
 
     library = "?"
 
-    def device_count(self) -> int: ...
-    def capability(self, device: int) -> tuple[int, int]: ...
-    def device_name(self, device: int) -> str: ...
+    def device_count(self) -> int: raise NotImplementedError
+    def capability(self, device: int) -> tuple[int, int]: raise NotImplementedError
+    def device_name(self, device: int) -> str: raise NotImplementedError
     def set_device(self, device: int) -> None: ...
-    def malloc(self, nbytes: int) -> int: ...
+    def malloc(self, nbytes: int) -> int: raise NotImplementedError
     def free(self, ptr: int) -> None: ...
-    def host_alloc(self, nbytes: int) -> tuple[Any, np.ndarray]: ...  # (handle, uint8 view)
-    def host_free(self, handle) -> None: ...
-    def stream_create(self): ...
-    def stream_handle(self, stream) -> int: ...
-    def stream_destroy(self, stream) -> None: ...
-    def stream_sync(self, stream) -> None: ...
-    def htod_async(self, dst: int, src: np.ndarray, stream) -> None: ...
-    def dtoh_async(self, dst: np.ndarray, src: int, stream) -> None: ...
+    def host_alloc(self, nbytes: int) -> tuple[Any, np.ndarray]: raise NotImplementedError  # (handle, uint8 view)
+    def host_free(self, handle: Any) -> None: ...
+    def stream_create(self) -> Any: ...
+    def stream_handle(self, stream: Any) -> int: raise NotImplementedError
+    def stream_destroy(self, stream: Any) -> None: ...
+    def stream_sync(self, stream: Any) -> None: ...
+    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None: ...
+    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None: ...
 
 
 class CudaPythonApi(CudaApi):
@@ -125,9 +128,9 @@ class CudaPythonApi(CudaApi):
 
     def __init__(self):
         try:
-            from cuda.bindings import runtime as rt  # noqa: PLC0415
+            from cuda.bindings import runtime as rt
         except ImportError:
-            from cuda import cudart as rt  # noqa: PLC0415
+            from cuda import cudart as rt
         self.rt = rt
 
     def _call(self, what, result):
@@ -140,56 +143,56 @@ class CudaPythonApi(CudaApi):
             raise ProviderError(f"CUDA {what} failed: {name}")
         return rest[0] if len(rest) == 1 else rest
 
-    def device_count(self):
+    def device_count(self) -> int:
         return int(self._call("cudaGetDeviceCount", self.rt.cudaGetDeviceCount()))
 
-    def capability(self, device):
+    def capability(self, device: int) -> tuple[int, int]:
         p = self._call("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(device))
         return int(p.major), int(p.minor)
 
-    def device_name(self, device):
+    def device_name(self, device: int) -> str:
         p = self._call("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(device))
         name = p.name
         if isinstance(name, (bytes, bytearray)):
             name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
         return str(name)
 
-    def set_device(self, device):
+    def set_device(self, device: int) -> None:
         self._call("cudaSetDevice", self.rt.cudaSetDevice(device))
 
-    def malloc(self, nbytes):
+    def malloc(self, nbytes: int) -> int:
         return int(self._call("cudaMalloc", self.rt.cudaMalloc(max(int(nbytes), 1))))
 
-    def free(self, ptr):
+    def free(self, ptr: int) -> None:
         self._call("cudaFree", self.rt.cudaFree(ptr))
 
-    def host_alloc(self, nbytes):
+    def host_alloc(self, nbytes: int) -> tuple[Any, np.ndarray]:
         nbytes = max(int(nbytes), 1)
         ptr = int(self._call("cudaMallocHost", self.rt.cudaMallocHost(nbytes)))
         view = np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(ptr))
         return ptr, view
 
-    def host_free(self, handle):
+    def host_free(self, handle: Any) -> None:
         self._call("cudaFreeHost", self.rt.cudaFreeHost(handle))
 
-    def stream_create(self):
+    def stream_create(self) -> Any:
         return self._call("cudaStreamCreate", self.rt.cudaStreamCreate())
 
-    def stream_handle(self, stream):
+    def stream_handle(self, stream: Any) -> int:
         return int(stream)
 
-    def stream_destroy(self, stream):
+    def stream_destroy(self, stream: Any) -> None:
         self._call("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
 
-    def stream_sync(self, stream):
+    def stream_sync(self, stream: Any) -> None:
         self._call("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(stream))
 
-    def htod_async(self, dst, src, stream):
+    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self._call("cudaMemcpyAsync (host to device)",
                    self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream))
 
-    def dtoh_async(self, dst, src, stream):
+    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._call("cudaMemcpyAsync (device to host)",
                    self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream))
@@ -201,55 +204,55 @@ class CupyApi(CudaApi):
     library = "cupy"
 
     def __init__(self):
-        import cupy  # noqa: PLC0415
+        import cupy
 
         self.cp = cupy
         self.rt = cupy.cuda.runtime
 
-    def device_count(self):
+    def device_count(self) -> int:
         return int(self.rt.getDeviceCount())
 
-    def capability(self, device):
+    def capability(self, device: int) -> tuple[int, int]:
         p = self.rt.getDeviceProperties(device)
         return int(p["major"]), int(p["minor"])
 
-    def device_name(self, device):
+    def device_name(self, device: int) -> str:
         name = self.rt.getDeviceProperties(device)["name"]
         return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
-    def set_device(self, device):
+    def set_device(self, device: int) -> None:
         self.rt.setDevice(device)
 
-    def malloc(self, nbytes):
+    def malloc(self, nbytes: int) -> int:
         return int(self.rt.malloc(max(int(nbytes), 1)))
 
-    def free(self, ptr):
+    def free(self, ptr: int) -> None:
         self.rt.free(ptr)
 
-    def host_alloc(self, nbytes):
+    def host_alloc(self, nbytes: int) -> tuple[Any, np.ndarray]:
         nbytes = max(int(nbytes), 1)
         mem = self.cp.cuda.alloc_pinned_memory(nbytes)
         return mem, np.frombuffer(mem, np.uint8, nbytes)
 
-    def host_free(self, handle):
+    def host_free(self, handle: Any) -> None:
         pass  # freed when the PinnedMemoryPointer is dropped
 
-    def stream_create(self):
+    def stream_create(self) -> Any:
         return self.cp.cuda.Stream(non_blocking=True)
 
-    def stream_handle(self, stream):
+    def stream_handle(self, stream: Any) -> int:
         return int(stream.ptr)
 
-    def stream_destroy(self, stream):
+    def stream_destroy(self, stream: Any) -> None:
         pass
 
-    def stream_sync(self, stream):
+    def stream_sync(self, stream: Any) -> None:
         stream.synchronize()
 
-    def htod_async(self, dst, src, stream):
+    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
         self.rt.memcpyAsync(dst, src.ctypes.data, src.nbytes, self.rt.memcpyHostToDevice, stream.ptr)
 
-    def dtoh_async(self, dst, src, stream):
+    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
         self.rt.memcpyAsync(dst.ctypes.data, src, dst.nbytes, self.rt.memcpyDeviceToHost, stream.ptr)
 
 
@@ -307,7 +310,7 @@ class DeviceContext:
     def __del__(self):
         try:
             self.api.stream_destroy(self.stream)
-        except Exception:  # noqa: BLE001  (interpreter shutdown, context gone)
+        except Exception:  # interpreter shutdown, context gone
             pass
 
 
@@ -315,7 +318,7 @@ _contexts: "weakref.WeakKeyDictionary[Any, DeviceContext]" = weakref.WeakKeyDict
 _contexts_lock = threading.Lock()
 
 
-def device_context(group=None, device: int = 0) -> DeviceContext:
+def device_context(group: object | None = None, device: int = 0) -> DeviceContext:
     """The shared context of `group` (e.g. a Pipeline): one CUDA stream per group."""
     if group is None:
         return DeviceContext(device=device)
@@ -331,7 +334,10 @@ class _Buffer:
     """A device buffer and its pinned host twin, grown on demand."""
 
     def __init__(self, api: CudaApi):
-        self.api, self.nbytes, self.dptr, self.host_handle, self.host = api, 0, None, None, None
+        self.api, self.nbytes = api, 0
+        self.dptr: Any = None  # the device pointer (an int) once `ensure` ran
+        self.host_handle: Any = None
+        self.host: Any = None  # the pinned uint8 np.ndarray once `ensure` ran
 
     def ensure(self, nbytes: int):
         if nbytes <= self.nbytes:
@@ -370,24 +376,36 @@ class TrtModel:
         self.check_tolerance = tolerance
         self.label = label or self.path.name
         self._ctx = context
-        self._lock = threading.Lock()
+        self._lock, self._open_lock = threading.Lock(), threading.Lock()
         self.trt = import_tensorrt()
-        self._engine = self._deserialize()
-        e, trt = self._engine, self.trt
-        self._inputs, self._outputs, self._dtypes, self._max_batch = [], [], {}, None
-        for i in range(e.num_io_tensors):
-            name = e.get_tensor_name(i)
-            self._dtypes[name] = np.dtype(trt.nptype(e.get_tensor_dtype(name)))
-            if e.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self._inputs.append(name)
-                shape = tuple(e.get_tensor_shape(name))
-                if shape and shape[0] == -1:
-                    hi = tuple(e.get_tensor_profile_shape(name, 0)[2])[0]
-                    self._max_batch = hi if self._max_batch is None else min(self._max_batch, hi)
-            else:
-                self._outputs.append(name)
+        self._engine: Any = None  # deserialised by `open`, at the first use (as onnxruntime's sessions)
+        self._inputs: list[str] = []
+        self._outputs: list[str] = []
+        self._dtypes: dict[str, np.dtype] = {}
+        self._max_batch: int | None = None
         self._context = None
         self._buffers: dict[str, _Buffer] = {}
+
+    def open(self) -> "TrtModel":
+        """Deserialise the engine now (EngineError when this TensorRT cannot load it)."""
+        if self._engine is not None:
+            return self
+        with self._open_lock:
+            if self._engine is None:
+                e, trt = self._deserialize(), self.trt
+                for i in range(e.num_io_tensors):
+                    name = e.get_tensor_name(i)
+                    self._dtypes[name] = np.dtype(trt.nptype(e.get_tensor_dtype(name)))
+                    if e.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                        self._inputs.append(name)
+                        shape = tuple(e.get_tensor_shape(name))
+                        if shape and shape[0] == -1:
+                            hi = tuple(e.get_tensor_profile_shape(name, 0)[2])[0]
+                            self._max_batch = hi if self._max_batch is None else min(self._max_batch, hi)
+                    else:
+                        self._outputs.append(name)
+                self._engine = e
+        return self
 
     def _deserialize(self):
         trt = self.trt
@@ -402,23 +420,24 @@ class TrtModel:
 
     @property
     def input_names(self) -> list[str]:
-        return list(self._inputs)
+        return list(self.open()._inputs)
 
     @property
     def output_names(self) -> list[str]:
-        return list(self._outputs)
+        return list(self.open()._outputs)
 
     @property
     def max_batch(self) -> int | None:
-        return self._max_batch
+        return self.open()._max_batch
 
-    def _buffer(self, name: str) -> _Buffer:
+    def _buffer(self, name: str, api: CudaApi) -> _Buffer:
         buf = self._buffers.get(name)
         if buf is None:
-            buf = self._buffers[name] = _Buffer(self._ctx.api)
+            buf = self._buffers[name] = _Buffer(api)
         return buf
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.open()
         missing = [n for n in self._inputs if n not in feeds]
         if missing:
             raise ValueError(f"{self.label}: missing input(s) {', '.join(missing)}")
@@ -444,7 +463,7 @@ class TrtModel:
                     prof = self._engine.get_tensor_profile_shape(name, 0)
                     raise ValueError(f"{self.label}: input {name} of shape {arr.shape} is outside "
                                      f"the engine's profile (min {tuple(prof[0])}, max {tuple(prof[2])})")
-                buf = self._buffer(name)
+                buf = self._buffer(name, api)
                 buf.ensure(arr.nbytes)
                 host = buf.view(arr.dtype, arr.shape)
                 np.copyto(host, arr)
@@ -456,7 +475,7 @@ class TrtModel:
                 if any(d < 0 for d in shape):
                     raise EngineError(f"{self.label}: output {name} has data-dependent shape {shape}")
                 shapes[name] = shape
-                buf = self._buffer(name)
+                buf = self._buffer(name, api)
                 buf.ensure(int(np.prod(shape, dtype=np.int64)) * self._dtypes[name].itemsize)
                 ctx.set_tensor_address(name, buf.dptr)
             if not ctx.execute_async_v3(self._ctx.handle):
@@ -470,7 +489,7 @@ class TrtModel:
             api.stream_sync(stream)
             return {k: v.copy() for k, v in outs.items()}
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             for buf in self._buffers.values():
                 buf.release()
@@ -480,12 +499,12 @@ class TrtModel:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
 # ---- lookup in a bundle ---------------------------------------------------------------
-def engines_section(bundle) -> dict:
+def engines_section(bundle: Bundle) -> dict:
     return bundle.manifest.get("engines", {}) or {}
 
 
@@ -498,7 +517,7 @@ def _stale_reason(bundle, entry: dict) -> str | None:
     return None
 
 
-def find_engine(bundle, model: str, graph: str, arch: str, trt_version: str,
+def find_engine(bundle: Bundle, model: str, graph: str, arch: str, trt_version: str,
                 precision: str | None = None) -> tuple[str, dict]:
     """The (key, graph entry) of a usable engine for this GPU + TensorRT, preferring fp16
     (or only `precision`). Raises EngineError saying which keys the bundle has and why none fits."""
@@ -536,13 +555,12 @@ def parse_provider(provider: str) -> tuple[str, str | None]:
     """`tensorrt` / `tensorrt:fp16` -> ("tensorrt", None | "fp16")."""
     base, _, precision = provider.partition(":")
     if precision and (base != "tensorrt" or precision not in PRECISIONS):
-        raise ProviderError(f"unknown provider {provider!r}; choose cpu, cuda, tensorrt, "
-                            "tensorrt:fp16 or tensorrt:fp32")
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(ALL_PROVIDERS)}")
     return base, precision or None
 
 
-def open_engine(bundle, model: str, graph: str, precision: str | None = None, *,
-                group=None, fallback: Callable[[int], Model] | None = None) -> Model:
+def open_engine(bundle: Bundle, model: str, graph: str, precision: str | None = None, *,
+                group: object | None = None, fallback: Callable[[int], Model] | None = None) -> Model:
     """A TrtModel for this graph; when the bundle has no usable engine, an EngineError,
     or with `fallback` (device -> a Model of the ONNX graph on that GPU, which
     `session.open_graph` passes for --allow-onnx-fallback) that model and an
@@ -557,7 +575,9 @@ def open_engine(bundle, model: str, graph: str, precision: str | None = None, *,
         except BundleError as e:
             raise EngineError(str(e)) from None
         tol = section_tolerance(engines_section(bundle)[key])
-        return TrtModel(path, ctx, key=key, tolerance=tol, label=f"{model}/{graph} [{key}]")
+        engine = TrtModel(path, ctx, key=key, tolerance=tol, label=f"{model}/{graph} [{key}]")
+        # opened at the first use, unless a fallback must be chosen now: only loading tells
+        return engine.open() if fallback is not None else engine
     except EngineError as e:
         if fallback is None:
             raise

@@ -2,7 +2,6 @@
 its parameters (`params`) and its label vocabulary (`vocab`)."""
 from .bundle import (
     MANIFEST,
-    MODEL_NAMES,
     SCHEMA_VERSION,
     Bundle,
     resolve_inside,
@@ -10,4 +9,4 @@ from .bundle import (
     write_params,
 )
 
-__all__ = ["MANIFEST", "MODEL_NAMES", "SCHEMA_VERSION", "Bundle", "resolve_inside", "sha256_file", "write_params"]
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle", "resolve_inside", "sha256_file", "write_params"]

@@ -23,7 +23,6 @@ from .params import validate as validate_params
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-MODEL_NAMES = ("owlvit", "gdino", "siamese", "clip")
 
 
 def resolve_inside(root: Path, rel: str) -> Path:

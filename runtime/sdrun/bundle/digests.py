@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from pathlib import Path
+
+from ..files import atomic_write
 
 CACHE_FILE = "verified-digests.json"
 MAX_ENTRIES = 4096
@@ -90,10 +91,7 @@ class DigestCache:
         if len(entries) > MAX_ENTRIES:  # keep the newest: dicts keep insertion order
             entries = dict(list(entries.items())[-MAX_ENTRIES:])
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(entries))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(entries))
             self.dirty = False
         except OSError:
             pass

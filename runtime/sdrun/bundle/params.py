@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from ..csvfile import COLUMNS
 from ..errors import SpotdiffError
 
 GATE_SIGNALS = ("change_score", "change_logit")
-COLUMNS = ("added", "removed", "changed")
 
 
 class ParamError(SpotdiffError):

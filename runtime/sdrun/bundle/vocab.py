@@ -10,9 +10,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from ..csvfile import read_csv
-
-LABEL_COLUMNS = ("added_objs", "removed_objs", "changed_objs")
+from ..csvfile import LABEL_COLUMNS, read_csv
 
 
 @lru_cache(maxsize=1)
@@ -29,14 +27,10 @@ SYNONYM_MAPS = ("seed", "rich")
 DEFAULT_SYNONYMS = "seed"
 
 
-def synonym_map(name: str = DEFAULT_SYNONYMS) -> dict[str, str]:
+def _synonyms(name: str) -> dict[str, str]:
     """'seed': the notebook's table (man, guy, worker, ... -> person; auto, sedan -> car;
     pickup, lorry -> truck; bike -> bicycle; fence -> barrier). 'rich': a wider one that
     also merges child/kid/baby/lady/... into person and strips plurals."""
-    return dict(_synonyms(name))
-
-
-def _synonyms(name: str) -> dict[str, str]:
     maps = _defaults()["synonyms"]
     if name not in maps:
         raise ValueError(f"unknown synonym map {name!r}; choose one of {', '.join(SYNONYM_MAPS)}")
@@ -63,7 +57,7 @@ def normalize_label(word: str, synonyms: str = DEFAULT_SYNONYMS) -> str:
     return w
 
 
-def parse_label_cell(cell: str) -> list[str]:
+def parse_label_cell(cell: str | None) -> list[str]:
     """A CSV cell as its words: split on spaces and commas, 'none' and empty words dropped
     (the notebook's reading of a cell)."""
     return [w for w in re.split(r"[ ,]+", (cell or "").strip()) if w and w.lower() != "none"]

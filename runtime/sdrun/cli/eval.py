@@ -31,7 +31,7 @@ def _warn(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def register(group) -> None:
+def register(group: click.Group) -> None:
     """Add this module's commands to the `sdrun` group."""
 
     @group.command()
@@ -223,7 +223,8 @@ def register(group) -> None:
                    f"{'' if raw_labels else ', labels normalised'}")
         click.echo(f"\nbest {min(top, len(s.choices))} of {s.n_configs} configurations (train = with gates):")
         click.echo(table(s.choices, top))
-        val = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        def val(v):
+            return "-" if v is None else f"{v:.4f}"
         click.echo(f"\n{'':26} {'train':>7} {'val':>7}")
         click.echo(f"{'all none':26} {s.none_train:7.4f} {val(s.none_val):>7}")
         click.echo(f"{'current parameters':26} {s.current_train:7.4f} {val(s.current_val):>7}")
@@ -235,7 +236,7 @@ def register(group) -> None:
             for h in s.heads:
                 thr = ", ".join(f"{c} {'-' if t is None else t}" for c, t in h.thresholds.items())
                 click.echo(f"  {names[h.mode]:24} {h.train:7.4f} {val(h.val):>7}   ({thr})")
-            best_val = max((h for h in s.heads if h.val is not None), key=lambda h: h.val, default=None)
+            best_val = max((h for h in s.heads if h.val is not None), key=lambda h: h.val or 0.0, default=None)
             click.echo(f"  on train: {names[s.heads[0].mode]} (kept); on validation: "
                        f"{names[best_val.mode] if best_val else '-'}")
         if (not s.heads or s.heads[0].mode == "off") and abs(s.best_train_exact - s.best.train) > 1e-9:

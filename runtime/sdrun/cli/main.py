@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import click
 
@@ -13,9 +15,12 @@ from ..backends.cpu import (
     int8_kernel,
     isa_summary,
 )
+from ..backends.interface import ALL_PROVIDERS
 from ..backends.memory import GraphCost, MemoryBudget, format_size
 from ..bundle.bundle import Bundle
+from ..csvfile import COLUMNS
 from ..errors import SpotdiffError
+from ..version import version_option
 from . import eval as eval_commands
 from .options import (
     MAX_PIXELS,
@@ -23,10 +28,14 @@ from .options import (
     PARAM,
     PROVIDER,
     THREADS,
+    VERBOSITY,
     load_pipeline,
     max_pixels,
     memory_budget,
 )
+
+if TYPE_CHECKING:
+    from ..apps.dataset import PairSource
 
 
 class _Group(click.Group):
@@ -41,7 +50,8 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="spotdiff")
+@version_option
+@VERBOSITY
 def main():
     """Run a spotdiff bundle: spot what was added, removed or changed between two images.
 
@@ -52,7 +62,7 @@ def main():
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--provider", default="cpu", show_default=True,
-              type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32"]),
+              type=click.Choice(ALL_PROVIDERS),
               help="cpu or cuda (onnxruntime graphs), or tensorrt: the bundle's engines for this "
                    "GPU, each against its own recorded tolerance.")
 @click.option("--model", "models", multiple=True, help="Check only this model (repeatable).")
@@ -162,10 +172,10 @@ def int8_summary(b: Bundle) -> str:
     return "\n".join(lines)
 
 
-def check_run_paths(bundle, pairs, csv_path, out, details, viz_dir) -> None:
+def check_run_paths(bundle: str | Path, pairs: Sequence[PairSource], csv_path: str | None, out: Path,
+                    details: Path, viz_dir: Path | None) -> None:
     """Refuse (OutputPathError) outputs of `sdrun run` that would overwrite an input image,
     the ids CSV, a file of the bundle, or each other."""
-    from pathlib import Path
 
     from ..apps.dataset import pair_inputs
     from ..apps.runner import run_record_path, viz_picture_path
@@ -292,7 +302,7 @@ def diff(bundle, image_a, image_b, as_json, viz, provider, threads, params):
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=2))
         return
-    for name in ("added", "removed", "changed"):
+    for name in COLUMNS:
         click.echo(f"{name:8} {' '.join(getattr(r, name)) or 'none'}")
     click.echo(f"change   score {r.change_score:.3f}, logit {r.change_logit:.3f}")
     for o in r.objects:
@@ -365,7 +375,8 @@ def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes
 
     Bundle.load(bundle)  # a broken bundle is an error here, not a server that never gets ready
     try:
-        from ..apps.serve import ServeConfig, serve as run_server
+        from ..apps.serve import ServeConfig
+        from ..apps.serve import serve as run_server
     except ImportError as e:
         raise click.UsageError(f"sdrun serve needs the serve extra ({e.name} is missing): "
                                "pip install 'spotdiff[serve]'") from None

@@ -1,7 +1,17 @@
 """Options and helpers that several `sdrun` commands share."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
+
 import click
+
+from ..backends.interface import ALL_PROVIDERS
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+F = TypeVar("F", bound=Callable)
 
 
 def parse_params(values: tuple[str, ...]) -> dict:
@@ -19,7 +29,7 @@ def _remember_fallback(ctx, param, value):
     return value
 
 
-def PROVIDER(f):  # noqa: N802  (used like the other option decorators)
+def PROVIDER(f: F) -> F:  # used like the other option decorators
     """--provider and --allow-onnx-fallback (read by `load_pipeline` from the click context)."""
     f = click.option("--allow-onnx-fallback", is_flag=True, expose_value=False,
                      callback=_remember_fallback,
@@ -27,8 +37,7 @@ def PROVIDER(f):  # noqa: N802  (used like the other option decorators)
                           "GPU/TensorRT, run the ONNX graph with onnxruntime CUDA on the same "
                           "GPU (with a warning) instead of failing.")(f)
     return click.option("--provider", default="cpu", show_default=True,
-                        type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt:fp16",
-                                           "tensorrt:fp32"]),
+                        type=click.Choice(ALL_PROVIDERS),
                         help="cpu or cuda (onnxruntime), or tensorrt: the bundle's engines for "
                              "this GPU (fp16 preferred; tensorrt:fp32 for fp32 engines). A GPU "
                              "provider that is absent is an error, never a CPU run.")(f)
@@ -68,7 +77,8 @@ PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
                      help="Override a bundle parameter for this run (repeatable), e.g. det_thr=0.3.")
 
 
-def load_pipeline(bundle, provider, threads, params=()):
+def load_pipeline(bundle: str | Path, provider: str, threads: int | None,
+                  params: tuple[str, ...] = ()) -> Pipeline:
     """The Pipeline the options ask for; sessions open at their first use
     (`.open_sessions()` opens them all now)."""
     from ..pipeline import Pipeline
@@ -108,7 +118,7 @@ def _remember_pixels(ctx, param, value):
     return value
 
 
-def max_pixels():
+def max_pixels() -> int | None:
     """The --max-pixels of the current command (None: no limit; the default when the
     command has no such option)."""
     from ..stages.images import DEFAULT_MAX_PIXELS
@@ -122,3 +132,20 @@ MAX_PIXELS = click.option(
     expose_value=False,
     help="Refuse an image of more pixels (width x height, read from its header before "
          "decoding), e.g. 50M; 'none': no limit. A 60 KB file can claim 8000x8000 pixels.")
+
+
+def _set_verbosity(ctx, param, value):
+    from ..logs import setup_logging
+
+    key = "sdrun.verbosity"
+    ctx.meta[key] = ctx.meta.get(key, 0) + (value if param.name == "verbose" else -int(value))
+    setup_logging(ctx.meta[key])
+    return value
+
+
+def VERBOSITY(f: F) -> F:  # used like the other option decorators
+    """-v/--verbose and -q/--quiet of a command group: the level of its log messages."""
+    f = click.option("-q", "--quiet", "quiet_logs", is_flag=True, expose_value=False, is_eager=True,
+                     callback=_set_verbosity, help="Only warnings and errors on stderr.")(f)
+    return click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True,
+                        callback=_set_verbosity, help="More detail on stderr (-v: debug messages).")(f)

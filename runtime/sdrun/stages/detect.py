@@ -6,6 +6,9 @@ since every detector input is the whole image resized without padding.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+Detections3 = tuple[np.ndarray, np.ndarray, np.ndarray]  # (boxes [K,4] float32, scores [K] float32, labels [K] int64)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -30,13 +33,15 @@ def normalize_queries(query_embeds: np.ndarray) -> np.ndarray:
     return query_embeds / (np.linalg.norm(query_embeds, axis=-1, keepdims=True) + 1e-6)
 
 
-def owlvit_logits(class_embeds, logit_shift, logit_scale, queries_normed):
+def owlvit_logits(class_embeds: np.ndarray, logit_shift: np.ndarray, logit_scale: np.ndarray,
+                  queries_normed: np.ndarray) -> np.ndarray:
     """[N,D], [N,1], [N,1], [P,D] -> [N,P] logits."""
     return (class_embeds @ queries_normed.T + logit_shift) * logit_scale
 
 
-def owlvit_detections(pred_boxes, class_embeds, logit_shift, logit_scale, queries_normed,
-                      prompt_labels, threshold: float):
+def owlvit_detections(pred_boxes: np.ndarray, class_embeds: np.ndarray, logit_shift: np.ndarray,
+                      logit_scale: np.ndarray, queries_normed: np.ndarray, prompt_labels: ArrayLike,
+                      threshold: float) -> Detections3:
     """One image: score = sigmoid of the best prompt's logit, label = that prompt's label;
     kept when score > threshold (as HF's post-processing)."""
     logits = owlvit_logits(class_embeds, logit_shift, logit_scale, queries_normed)
@@ -59,7 +64,8 @@ def label_token_scores(logits: np.ndarray, token_labels: np.ndarray, n_labels: i
     return out
 
 
-def gdino_detections(logits, pred_boxes, token_labels, n_labels: int, threshold: float):
+def gdino_detections(logits: np.ndarray, pred_boxes: np.ndarray, token_labels: np.ndarray, n_labels: int,
+                     threshold: float) -> Detections3:
     """One image: a box's label is the label whose tokens score highest; kept when > threshold."""
     per_label = label_token_scores(logits, token_labels, n_labels)
     labels = per_label.argmax(-1)

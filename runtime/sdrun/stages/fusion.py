@@ -94,7 +94,7 @@ def _f32(x: float) -> float:
 # --------------------------------------------------------------------------- #
 # Pairwise IoU
 # --------------------------------------------------------------------------- #
-def iou_matrix(a, b) -> np.ndarray:
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of boxes ``a`` [N, 4] and ``b`` [M, 4] (``x1, y1, x2, y2``).
 
     Returns a float64 [N, M] array.  A box with ``x2 < x1`` or ``y2 < y1`` has
@@ -340,7 +340,7 @@ def _cluster_fast(D, s0, s1, thr):
         divide(w, union, out=w)
         # candidates above thr: clusters, and boxes of the batch before the box
         sel = flatnonzero(w > thr)
-        cand = [None] * nb
+        cand: list[list[tuple[int, float]] | None] = [None] * nb
         if sel.size:
             rs = r[sel] - p0
             cs = c[sel]
@@ -442,6 +442,7 @@ def _cluster_exact(D, s0, s1, thr, label_f64):
     F = np.empty((n, 4))  # fused boxes of the clusters, as the reference stores them
     dead = np.zeros(n, dtype=bool)  # label no longer equals the box label (float32 rounding)
     label_dead = float(np.float32(label_f64)) != label_f64
+    sums: list
     first, count, conf, sums = [], [], [], []
     K = 0
     with np.errstate(all="ignore"):
@@ -498,12 +499,12 @@ def weighted_boxes_fusion(
     boxes_list: Sequence,
     scores_list: Sequence,
     labels_list: Sequence,
-    weights=None,
+    weights: Sequence[float] | None = None,
     iou_thr: float = 0.55,
     skip_box_thr: float = 0.0,
     conf_type: str = "avg",
     allows_overflow: bool = False,
-):
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fuse the boxes of several models; same results as ensemble-boxes 1.0.9.
 
     :param boxes_list: one [N_i, 4] array (or list) per model, ``x1, y1, x2, y2``

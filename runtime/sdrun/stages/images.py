@@ -196,7 +196,8 @@ def image_size_from_header(data: bytes) -> tuple[int, int] | None:
     try:
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)
-        parse = _HEADER_PARSERS.get(image_format(data))
+        fmt = image_format(data)
+        parse = _HEADER_PARSERS.get(fmt) if fmt else None
         return parse(data) if parse else None
     except (struct.error, IndexError, ValueError, TypeError, OverflowError):  # a safety net
         return None
@@ -425,7 +426,7 @@ _JPEG_SCAN_END = re.compile(rb"\xff(?![\x00\xd0-\xd7])")
 
 # ---- arrays ----------------------------------------------------------------------------
 
-def as_rgb(image) -> np.ndarray:
+def as_rgb(image: np.ndarray) -> np.ndarray:
     """An array from an API user as uint8 RGB (H, W, 3).
 
     Accepts uint8, uint16 (scaled by 1/257 with rounding), other integer types holding

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from .decide import column_members
 from .fusion import iou_matrix
 
 
@@ -26,7 +28,7 @@ class Matching:
     similarity: np.ndarray | None = None
 
 
-def clip_similarity(embeds_a, embeds_b, iou: np.ndarray) -> np.ndarray:
+def clip_similarity(embeds_a: ArrayLike, embeds_b: ArrayLike, iou: np.ndarray) -> np.ndarray:
     """(cos + 1) / 2 of L2-normalised CLIP embeddings; where a box has no embedding (a NaN
     row: its crop is empty) the similarity is the pair's IoU, the notebook's fallback."""
     a, b = np.asarray(embeds_a, np.float64), np.asarray(embeds_b, np.float64)
@@ -36,30 +38,57 @@ def clip_similarity(embeds_a, embeds_b, iou: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(sim), iou, sim)
 
 
-def match_objects(boxes_a, labels_a, embeds_a, boxes_b, labels_b, embeds_b,
-                  alpha: float, iou_thr: float) -> Matching:
-    """Hungarian matching on cost = 1 - (alpha*IoU + (1-alpha)*(cos+1)/2) for equal labels
-    (1 otherwise). A pair counts as matched when the labels agree and the affinity
-    reaches iou_thr; a matched pair whose IoU is below iou_thr changed. Boxes must be
+def pair_matrices(boxes_a: ArrayLike, labels_a: ArrayLike, embeds_a: ArrayLike, boxes_b: ArrayLike,
+                  labels_b: ArrayLike, embeds_b: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(IoU, similarity, same label) matrices of two images' objects [na, nb]. Boxes must be
     in one frame (normalised coordinates when the images differ in size)."""
+    iou = iou_matrix(np.asarray(boxes_a, np.float64), np.asarray(boxes_b, np.float64))
+    sim = clip_similarity(embeds_a, embeds_b, iou)
+    same = np.asarray(labels_a)[:, None] == np.asarray(labels_b)[None, :]
+    return iou, sim, same
+
+
+@dataclass
+class Assignment:
+    """The Hungarian solution, before the thresholds: the assigned (rows, cols) and, for
+    each assigned pair, whether the labels agree, its affinity and its IoU."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    same: np.ndarray
+    affinity: np.ndarray
+    iou: np.ndarray
+
+
+def assign(iou: np.ndarray, sim: np.ndarray, same: np.ndarray, alpha: float) -> Assignment:
+    """Hungarian matching on cost = 1 - (alpha*IoU + (1-alpha)*similarity) for equal labels
+    (1 otherwise). The cost does not depend on iou_thr."""
+    affinity = alpha * iou + (1.0 - alpha) * sim
+    cost = np.where(same, 1.0 - affinity, 1.0)
+    rows, cols = linear_sum_assignment(cost)
+    return Assignment(rows, cols, same[rows, cols], affinity[rows, cols], iou[rows, cols])
+
+
+def matched_and_changed(a: Assignment, iou_thr: float) -> tuple[np.ndarray, np.ndarray]:
+    """Masks over the assigned pairs: matched (labels agree and the affinity reaches
+    iou_thr) and changed (matched, with an IoU below iou_thr)."""
+    ok = a.same & (a.affinity >= iou_thr)
+    return ok, ok & (a.iou < iou_thr)
+
+
+def match_objects(boxes_a: ArrayLike, labels_a: np.ndarray, embeds_a: ArrayLike, boxes_b: ArrayLike,
+                  labels_b: np.ndarray, embeds_b: ArrayLike, alpha: float, iou_thr: float) -> Matching:
+    """`pair_matrices`, `assign`, `matched_and_changed` (the seed's rules), and which objects
+    are left unmatched (`sdrun.stages.decide.column_members`)."""
     na, nb = len(labels_a), len(labels_b)
     if na == 0 or nb == 0:
         return Matching(added=list(range(nb)), removed=list(range(na)),
                         iou=np.zeros((na, nb)), similarity=np.zeros((na, nb)))
-    iou = iou_matrix(np.asarray(boxes_a, np.float64), np.asarray(boxes_b, np.float64))
-    sim = clip_similarity(embeds_a, embeds_b, iou)
-    same = np.asarray(labels_a)[:, None] == np.asarray(labels_b)[None, :]
-    affinity = alpha * iou + (1.0 - alpha) * sim
-    cost = np.where(same, 1.0 - affinity, 1.0)
-    rows, cols = linear_sum_assignment(cost)
-    m = Matching(iou=iou, similarity=sim)
-    for i, j in zip(rows, cols):
-        if same[i, j] and affinity[i, j] >= iou_thr:
-            m.pairs.append((int(i), int(j)))
-            if iou[i, j] < iou_thr:
-                m.changed.append((int(i), int(j)))
-    matched_a = {i for i, _ in m.pairs}
-    matched_b = {j for _, j in m.pairs}
-    m.removed = [i for i in range(na) if i not in matched_a]
-    m.added = [j for j in range(nb) if j not in matched_b]
+    iou, sim, same = pair_matrices(boxes_a, labels_a, embeds_a, boxes_b, labels_b, embeds_b)
+    a = assign(iou, sim, same, alpha)
+    ok, ch = matched_and_changed(a, iou_thr)
+    m = Matching(pairs=[(int(i), int(j)) for i, j in zip(a.rows[ok], a.cols[ok])],
+                 changed=[(int(i), int(j)) for i, j in zip(a.rows[ch], a.cols[ch])],
+                 iou=iou, similarity=sim)
+    m.added, m.removed, _ = column_members(na, nb, m.pairs, m.changed)
     return m

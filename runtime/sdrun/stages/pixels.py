@@ -1,6 +1,8 @@
 """Box edges to pixel indices."""
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 
 # Box edges often sit exactly on whole pixels (clipped to the image border, or on the
@@ -9,7 +11,13 @@ import numpy as np
 EDGE_SNAP_PX = 1e-3
 
 
-def pixel_floor(x, lo: int = 0, hi: int | None = None):
+@overload
+def pixel_floor(x: float, lo: int = 0, hi: int | None = None) -> int: ...
+@overload
+def pixel_floor(x: np.ndarray, lo: int = 0, hi: int | None = None) -> np.ndarray: ...
+
+
+def pixel_floor(x: float | np.ndarray, lo: int = 0, hi: int | None = None) -> int | np.ndarray:
     """floor(x + EDGE_SNAP_PX), clipped to [lo, hi]; works on scalars and arrays."""
     v = np.floor(np.asarray(x, np.float64) + EDGE_SNAP_PX)
     v = np.clip(v, lo, hi if hi is not None else np.inf).astype(np.int64)

@@ -35,13 +35,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 
 from ..errors import BundleError
 from .images import as_rgb
 from .pixels import pixel_floor
+
+# one RGB image, a [B, H, W, 3] array, or a list of images
+Images = Union[np.ndarray, Iterable[np.ndarray]]
 
 MODES = ("bicubic", "bilinear")
 WEIGHTS = ("pil", "torch")
@@ -286,7 +289,7 @@ def resize_center_crop(img: np.ndarray, resize_hw: tuple[int, int], crop_hw: tup
     return _resize_window(img, (rh, rw), (top, top + ch, left, left + cw), mode, weights, order)
 
 
-def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int] | None:
+def crop_bounds(box: Sequence[float] | np.ndarray, height: int, width: int) -> tuple[int, int, int, int] | None:
     """(y0, y1, x0, x1) of the crop of pixel box (x1, y1, x2, y2) as the notebook takes it,
     or None when that crop is empty.
 
@@ -309,7 +312,7 @@ def crop_bounds(box, height: int, width: int) -> tuple[int, int, int, int] | Non
     return y0, y1_, x0, x1_
 
 
-def crop_box(image: np.ndarray, box) -> np.ndarray | None:
+def crop_box(image: np.ndarray, box: Sequence[float] | np.ndarray) -> np.ndarray | None:
     """The pixels of `image` under pixel box (x1, y1, x2, y2), or None for an empty crop;
     see `crop_bounds`."""
     bounds = crop_bounds(box, image.shape[0], image.shape[1])
@@ -324,23 +327,6 @@ def hflip(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     return np.ascontiguousarray(np.flip(image, axis=2 if image.ndim == 4 else 1))
 
-
-def hflip_boxes_xyxy(boxes: np.ndarray, width: float) -> np.ndarray:
-    """Pixel boxes (x1, y1, x2, y2) of a flipped image of that width, mapped back (or forth)."""
-    b = np.asarray(boxes, dtype=np.float64)
-    out = b.copy()
-    out[..., 0], out[..., 2] = width - b[..., 2], width - b[..., 0]
-    return out
-
-
-def hflip_boxes_cxcywh(boxes: np.ndarray) -> np.ndarray:
-    """Normalised (cx, cy, w, h) boxes of a flipped image, mapped back (or forth)."""
-    out = np.array(boxes, dtype=np.float64, copy=True)
-    out[..., 0] = 1.0 - out[..., 0]
-    return out
-
-
-# ---- normalisation ---------------------------------------------------------------------
 
 def _triple(facts: dict, key: str, model: str) -> np.ndarray:
     v = facts.get(key)
@@ -425,7 +411,7 @@ def _check_torchvision_backend(facts: dict, model: str) -> None:
                           f"resize_dtype={facts.get('resize_dtype')!r})")
 
 
-def _images(images) -> list[np.ndarray]:
+def _images(images: Images) -> list[np.ndarray]:
     if isinstance(images, np.ndarray):
         return [as_rgb(im) for im in images] if images.ndim == 4 else [as_rgb(images)]
     images = list(images)
@@ -449,7 +435,7 @@ def owlvit_image(image: np.ndarray, facts: dict) -> np.ndarray:
         if isinstance(size, dict) and set(size) >= {"height", "width"} and size.get("height"):
             target = _hw(size, "size", model)
         elif isinstance(size, dict) and size.get("shortest_edge") and not size.get("longest_edge"):
-            target = shortest_edge_size(*img.shape[:2],
+            target = shortest_edge_size(img.shape[0], img.shape[1],
                                         _positive_int(size["shortest_edge"], "size", model))
         else:
             raise BundleError(f"{model} preprocess: size {size!r} is not supported by sdrun "
@@ -460,13 +446,13 @@ def owlvit_image(image: np.ndarray, facts: dict) -> np.ndarray:
     return _to_chw_hf(img, facts, model)
 
 
-def owlvit_pixels(images, facts: dict) -> np.ndarray:
+def owlvit_pixels(images: Images, facts: dict) -> np.ndarray:
     """OWL-ViT pixel values [B, 3, S, S] float32 for a list of RGB images (or one image,
     or a [B, H, W, 3] array)."""
     return np.stack([owlvit_image(im, facts) for im in _images(images)])
 
 
-def gdino_pixels(images, facts: dict, size_hw: tuple[int, int] | None = None
+def gdino_pixels(images: Images, facts: dict, size_hw: tuple[int, int] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Grounding DINO inputs for a list of RGB images: (pixel_values [B, 3, H, W] float32,
     pixel_mask [B, H, W] int64 all ones).
@@ -497,7 +483,7 @@ def siamese_image(image: np.ndarray, facts: dict) -> np.ndarray:
         raise BundleError(f"{model} preprocess: input_size must be [3, H, W], got {size!r}")
     crop = _hw(list(size[1:]), "input_size", model)
     crop_pct = facts.get("crop_pct") or 0.875  # timm's DEFAULT_CROP_PCT
-    scale = tuple(math.floor(x / crop_pct) for x in crop)
+    scale = (math.floor(crop[0] / crop_pct), math.floor(crop[1] / crop_pct))
     mode = _mode(facts.get("interpolation", "bilinear"), model)
     crop_mode = facts.get("crop_mode") or "center"
     if crop_mode == "squash":
@@ -511,7 +497,7 @@ def siamese_image(image: np.ndarray, facts: dict) -> np.ndarray:
     return _to_chw_tensor_style(img, _triple(facts, "mean", model), _triple(facts, "std", model))
 
 
-def siamese_pixels(img_a, img_b, facts: dict) -> np.ndarray:
+def siamese_pixels(img_a: Images, img_b: Images, facts: dict) -> np.ndarray:
     """Siamese pairs [N, 2, 3, H, W] float32. `img_a`, `img_b`: one RGB image each
     (N = 1) or equally long lists of images (or [N, H, W, 3] arrays)."""
     a, b = _images(img_a), _images(img_b)
