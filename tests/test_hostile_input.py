@@ -297,3 +297,13 @@ def test_run_refuses_an_image_over_max_pixels_and_goes_on(tiny_bundle, data, tmp
     res = sdrun("run", tiny_bundle, "--data", pairs, "--out", tmp_path / "t.csv", "--quiet",
                 "--max-pixels", "lots")
     assert res.exit_code == 2 and "--max-pixels" in res.output
+
+
+def test_a_cache_inside_the_bundle_is_refused(tiny_bundle, data, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    before = snapshot(bundle)
+    res = sdrun("tune", bundle, "--data", data, "--csv", data / "labels.csv", "--cache", bundle / "c",
+                "--quiet", "--dry-run")
+    assert res.exit_code == 2 and "--cache" in res.output and "the bundle" in res.output
+    assert snapshot(bundle) == before

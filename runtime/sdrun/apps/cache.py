@@ -26,7 +26,7 @@ from typing import Callable, Sequence, cast
 
 import numpy as np
 
-from ..files import atomic_path, id_file_stem
+from ..files import atomic_path, check_output_paths, id_file_stem
 from ..pipeline import Detections, PairOutputs, Pipeline, run_isolated
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class OutputCache:
         self.pipe = pipe
         self.key = model_key(pipe)
         self.folder = Path(folder) / self.key[:20] if folder else default_cache_dir(pipe)
+        # every file of a bundle is checked against its manifest: the cache lives elsewhere
+        check_output_paths({"--cache": self.folder}, protected_dirs=[("the bundle", pipe.bundle.root)])
 
     def path(self, pair_id: str, digest: str) -> Path:
         return self.folder / f"{id_file_stem(pair_id)}-{digest[:16]}.npz"
