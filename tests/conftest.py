@@ -1,6 +1,8 @@
-"""Shared fixtures: one tiny bundle per test session, and a torch-free subprocess runner."""
+"""Shared fixtures and helpers: one tiny bundle per test session, a torch-free subprocess
+runner, the CLIs in this process, and file snapshots."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -51,4 +53,46 @@ def tiny_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     build_bundle(out, resolve_sources("tiny-random", {}), default_vocabulary(),
                  gdino_size=(256, 256), log=lambda s: None)
+    return out
+
+
+def sdrun(*args):
+    """`sdrun ARGS` in this process (click's runner); exceptions propagate."""
+    from click.testing import CliRunner
+
+    from sdrun.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+TRAIN_TINY = ["--backbone", "tiny-random", "--batch-size", "8", "--quiet"]
+
+
+def train_change(*args):
+    """`sdexport train-change ARGS` in this process."""
+    from click.testing import CliRunner
+
+    from sdexport.cli import main as sdexport
+
+    return CliRunner().invoke(sdexport, ["train-change", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def train_pairs(tmp_path_factory) -> Path:
+    """32 synthetic labelled pairs for the training tests (made once per session)."""
+    from sdrun.apps.synth import write_synthetic_pairs
+
+    out = tmp_path_factory.mktemp("train-pairs")
+    write_synthetic_pairs(out, 32, seed=11)
+    return out
+
+
+def snapshot(*roots) -> dict[str, str]:
+    """sha256 of every file under `roots` (files or folders): equal before and after means
+    nothing there was changed."""
+    out = {}
+    for root in map(Path, roots):
+        for p in ([root] if root.is_file() else sorted(root.rglob("*"))):
+            if p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out

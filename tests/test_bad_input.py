@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import run_without_torch
+from conftest import run_without_torch, sdrun, snapshot
 
 from sdrun.apps.synth import write_synthetic_pairs
 from sdrun.bundle.params import ParamError, parse_overrides, validate
-from sdrun.cli import main
 from sdrun.files import atomic_write
 
 
@@ -38,20 +36,6 @@ def earlier(tiny_bundle, data, tmp_path_factory):
     res = sdrun("run", tiny_bundle, "--data", data, "--out", folder / "s.csv", "--batch-pairs", "2")
     assert res.exit_code == 0, res.output
     return folder
-
-
-def sdrun(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def snapshot(*roots) -> dict[str, str]:
-    """sha256 of every file under `roots` (files or folders)."""
-    out = {}
-    for root in map(Path, roots):
-        for p in ([root] if root.is_file() else sorted(root.rglob("*"))):
-            if p.is_file():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:

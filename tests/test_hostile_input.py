@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import sdrun, snapshot
 
 from sdrun.apps.synth import write_synthetic_pairs
 from sdrun.bundle.bundle import Bundle, bundle_files, write_params
 from sdrun.bundle.params import ParamError
-from sdrun.cli import main
 from sdrun.files import (
     OutputPathError,
     check_output_folder,
@@ -37,19 +36,6 @@ from sdrun.files import (
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile-pairs")
     write_synthetic_pairs(out, 4, seed=6)
-    return out
-
-
-def sdrun(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def snapshot(*roots) -> dict[str, str]:
-    out = {}
-    for root in map(Path, roots):
-        for p in ([root] if root.is_file() else sorted(root.rglob("*"))):
-            if p.is_file():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 

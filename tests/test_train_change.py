@@ -17,26 +17,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("albumentations")
 
-from click.testing import CliRunner  # noqa: E402
+from conftest import TRAIN_TINY as TINY  # noqa: E402
+from conftest import train_change as train  # noqa: E402
 
-from sdexport.cli import main as sdexport  # noqa: E402
 from sdexport.train.losses import focal_loss_with_logits  # noqa: E402
 from sdexport.train.metrics import best_f1, macro_f1, roc_auc  # noqa: E402
-from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "tiny-random", "--batch-size", "8", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-pairs")
-    write_synthetic_pairs(out, 32, seed=11)
-    return out
-
-
-def train(*args):
-    return CliRunner().invoke(sdexport, ["train-change", *map(str, args)], catch_exceptions=False)
+def pairs(train_pairs):
+    return train_pairs
 
 
 def tensors(path: Path) -> dict:

@@ -14,19 +14,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("albumentations")
 
-from click.testing import CliRunner  # noqa: E402
-
-from sdexport.cli import main as sdexport  # noqa: E402
-from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
-
-TINY = ["--backbone", "tiny-random", "--batch-size", "8", "--quiet"]
+from conftest import TRAIN_TINY as TINY  # noqa: E402
+from conftest import snapshot  # noqa: E402
+from conftest import train_change as train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-input-pairs")
-    write_synthetic_pairs(out, 32, seed=11)
-    return out
+def pairs(train_pairs):
+    return train_pairs
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +37,6 @@ def base(pairs):
     return ["--data", pairs, "--csv", pairs / "labels.csv", *TINY]
 
 
-def train(*args):
-    return CliRunner().invoke(sdexport, ["train-change", *map(str, args)], catch_exceptions=False)
-
-
 def refused(res, *needles):
     """Exit 2 with one "error: ..." line holding every needle, and never a traceback."""
     errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
@@ -54,10 +45,6 @@ def refused(res, *needles):
     for needle in needles:
         assert str(needle) in errors[0], (needle, res.output)
     return errors[0]
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def strict_json(text: str):
