@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[export,train,serve,ray,dev]'
+.venv/bin/python -m pip install -q -e '.[export,train,serve,ray,openvino,dev]'
 
 BUNDLE=${BUNDLE:-engines/tiny}
 DEMO=${DEMO:-engines/demo}

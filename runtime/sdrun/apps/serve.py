@@ -48,6 +48,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from ..backends.interface import runs_on_cpu
 from ..bundle.params import ParamError
 from ..errors import SpotdiffError
 from ..stages.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
@@ -77,7 +78,7 @@ class ServeConfig:
     @property
     def batch_pairs(self) -> int:
         """`max_batch_pairs`, or the provider's default (`DEFAULT_BATCH_PAIRS`)."""
-        return self.max_batch_pairs or DEFAULT_BATCH_PAIRS["cpu" if self.provider == "cpu" else "gpu"]
+        return self.max_batch_pairs or DEFAULT_BATCH_PAIRS["cpu" if runs_on_cpu(self.provider) else "gpu"]
 
 
 # Most pairs per model batch when not given. On a CPU a batch of pairs serves no more per

@@ -1,5 +1,6 @@
 """The one interface every runnable graph has, whatever runs it (onnxruntime's
-`session.OnnxModel`, TensorRT's `trt.TrtModel`), and the provider names.
+`session.OnnxModel`, TensorRT's `trt.TrtModel`, OpenVINO's
+`openvino_backend.OpenVinoModel`), and the provider names.
 
 `session` and `trt` both implement it; neither imports the other's models
 (`session.open_graph` chooses, and hands `trt.open_engine` the ONNX fallback)."""
@@ -14,7 +15,13 @@ ORT_PROVIDERS = {  # sdrun's name -> onnxruntime's
     "cuda": "CUDAExecutionProvider",
 }
 # every provider sdrun knows (the one list: --provider's choices, open_graph's check)
-ALL_PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32")
+ALL_PROVIDERS = ("cpu", "cuda", "tensorrt", "tensorrt:fp16", "tensorrt:fp32",
+                 "openvino", "openvino:f32", "openvino:bf16")
+
+
+def runs_on_cpu(provider: str) -> bool:
+    """Whether a provider computes on the CPU (its memory is the host's)."""
+    return provider == "cpu" or provider.startswith("openvino")
 
 
 @runtime_checkable

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import SpotdiffError
+from .interface import runs_on_cpu
 
 # Shares of the memory the process can get that its model calls may use by default. On a
 # CPU a batch larger than a few inputs gains nothing (the cores are busy at batch 1), so
@@ -132,7 +133,7 @@ def device_free_memory(device: int = 0) -> int | None:
 
 def available_memory(provider: str = "cpu", device: int = 0) -> tuple[int, str]:
     """(bytes this process can still get, where that number comes from)."""
-    if provider != "cpu":
+    if not runs_on_cpu(provider):
         free = device_free_memory(device)
         if free is not None:
             return free, f"free memory of GPU {device}"
@@ -194,7 +195,7 @@ class MemoryBudget:
         if env:
             return cls(parse_size(env, "SDRUN_MEMORY_BUDGET"), "SDRUN_MEMORY_BUDGET")
         avail, where = available_memory(provider, device)
-        share = CPU_SHARE if provider == "cpu" else GPU_SHARE
+        share = CPU_SHARE if runs_on_cpu(provider) else GPU_SHARE
         return cls(max(int(share * avail), 1), f"{share:.0%} of {format_size(avail)} ({where})")
 
     def max_batch(self, cost: GraphCost) -> int:

@@ -2,7 +2,8 @@
 
 Providers: "cpu" (onnxruntime CPU), "cuda" (onnxruntime CUDA), "tensorrt" (the
 bundle's native TensorRT engines for this GPU, `sdrun.backends.trt`; "tensorrt:fp16" /
-"tensorrt:fp32" pick a precision). A GPU provider that is absent is an error,
+"tensorrt:fp32" pick a precision), "openvino" (OpenVINO's CPU plugin, f32 or bf16:
+`sdrun.backends.openvino_backend`). A GPU provider that is absent is an error,
 never a silent CPU run.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..errors import BundleError, ProviderError, SpotdiffError
 from .cpu import int8_clipping_warning
-from .interface import ALL_PROVIDERS, ORT_PROVIDERS, Model
+from .interface import ALL_PROVIDERS, ORT_PROVIDERS, Model, runs_on_cpu
 from .memory import BudgetedModel, GraphCost, MemoryBudget
 
 if TYPE_CHECKING:
@@ -170,7 +171,8 @@ def open_graph(bundle: Bundle, model: str, graph: str, provider: str = "cpu",
     if budget is None:
         return opened
     cost = GraphCost.of(model, bundle.model(model)["graphs"][graph])
-    return BudgetedModel(opened, cost, budget, label=f"{model}/{graph}", exact=provider == "cpu")
+    return BudgetedModel(opened, cost, budget, label=f"{model}/{graph}",
+                         exact=runs_on_cpu(provider))
 
 
 def _open_graph(bundle, model, graph, provider, threads, allow_onnx_fallback, group):
@@ -185,6 +187,11 @@ def _open_graph(bundle, model, graph, provider, threads, allow_onnx_fallback, gr
 
         return open_engine(bundle, model, graph, parse_provider(provider)[1], group=group,
                            fallback=onnx_on_gpu if allow_onnx_fallback else None)
+    if provider.startswith("openvino"):
+        from .openvino_backend import open_openvino
+        from .openvino_backend import parse_provider as parse_openvino
+
+        return open_openvino(bundle, model, graph, parse_openvino(provider), threads)
     entry = bundle.model(model)["graphs"][graph]
     if provider == "cpu":
         warning = int8_clipping_warning(entry, f"{model}/{graph}")

@@ -246,3 +246,15 @@ def write_params(root: str | Path, params: dict[str, Any], backup: bool = True) 
     atomic_write(path, data)
     atomic_write(mpath, json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+def write_openvino_policy(root: str | Path, section: dict[str, Any]) -> Path:
+    """Record an OpenVINO precision policy (`sdrun precision`) as the manifest's "openvino"
+    section, replacing any earlier one; no other file of the bundle changes. The manifest
+    is written to a temporary file and renamed (never half written)."""
+    root = Path(root)
+    mpath = root / MANIFEST
+    bundle = Bundle.load(root, verify=False)
+    manifest = {**bundle.manifest, "openvino": section}
+    atomic_write(mpath, json.dumps(manifest, indent=2) + "\n")
+    return mpath

@@ -17,11 +17,13 @@ from ..backends.cpu import (
 )
 from ..backends.interface import ALL_PROVIDERS
 from ..backends.memory import GraphCost, MemoryBudget, format_size
+from ..backends.openvino_backend import describe as describe_precision
 from ..bundle.bundle import Bundle
 from ..csvfile import COLUMNS
 from ..errors import SpotdiffError
 from ..version import version_option
 from . import eval as eval_commands
+from . import precision as precision_commands
 from .options import (
     MAX_PIXELS,
     MEMORY_BUDGET,
@@ -63,8 +65,10 @@ def main():
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--provider", default="cpu", show_default=True,
               type=click.Choice(ALL_PROVIDERS),
-              help="cpu or cuda (onnxruntime graphs), or tensorrt: the bundle's engines for this "
-                   "GPU, each against its own recorded tolerance.")
+              help="cpu or cuda (onnxruntime graphs); tensorrt: the bundle's engines for this "
+                   "GPU, each against its own recorded tolerance; openvino[:f32|:bf16]: OpenVINO "
+                   "on the CPU, f32 within 1e-4, bf16 within the tolerance `sdrun precision` "
+                   "measured (else 5e-2).")
 @click.option("--model", "models", multiple=True, help="Check only this model (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON lines.")
 def check(bundle, provider, models, as_json):
@@ -151,6 +155,14 @@ def info(bundle, as_json):
             state = "FAILED: " + g["failed"] if "failed" in g else g.get("file", "")
             pinned = f", fp32-pinned: {', '.join(g['pinned_fp32'])}" if g.get("pinned_fp32") else ""
             click.echo(f"  {name:14} {state}{pinned}")
+    ov = m.get("openvino")
+    if isinstance(ov, dict) and ov.get("policy"):
+        measured = ov.get("measured", {})
+        click.echo(f"\n[openvino precision] measured on {measured.get('cpu', '?')} "
+                   f"({'bf16' if measured.get('bf16') else 'no bf16'}), {measured.get('pairs', '?')} pairs")
+        for key, precision in ov["policy"].items():
+            tol = ov.get("tolerance", {}).get(key)
+            click.echo(f"  {key:14} {describe_precision(precision)}" + (f"  (check rel_l2 <= {tol})" if tol else ""))
     click.echo(f"\nparameters  {json.dumps(b.params)}")
     total = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"files       {len(m['files'])}, {total / 1e6:.1f} MB")
@@ -389,6 +401,7 @@ def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes
 
 
 eval_commands.register(main)  # score, eval, tune
+precision_commands.register(main)  # precision
 
 if __name__ == "__main__":
     main()

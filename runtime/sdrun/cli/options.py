@@ -38,13 +38,17 @@ def PROVIDER(f: F) -> F:  # used like the other option decorators
                           "GPU (with a warning) instead of failing.")(f)
     return click.option("--provider", default="cpu", show_default=True,
                         type=click.Choice(ALL_PROVIDERS),
-                        help="cpu or cuda (onnxruntime), or tensorrt: the bundle's engines for "
-                             "this GPU (fp16 preferred; tensorrt:fp32 for fp32 engines). A GPU "
-                             "provider that is absent is an error, never a CPU run.")(f)
+                        help="cpu or cuda (onnxruntime); tensorrt: the bundle's engines for "
+                             "this GPU (fp16 preferred; tensorrt:fp32 for fp32 engines); openvino: "
+                             "OpenVINO on the CPU (extra 'openvino'), openvino:f32 / openvino:bf16 "
+                             "or plain openvino (the bundle's measured per-graph policy where the "
+                             "CPU has bf16, else f32). A GPU provider that is absent is an error, "
+                             "never a CPU run.")(f)
 
 
 THREADS = click.option("--threads", type=click.IntRange(1), default=None,
-                       help="onnxruntime intra-op threads, at least 1 (default: one per core).")
+                       help="Threads per model call (onnxruntime's intra-op, OpenVINO's inference "
+                            "threads), at least 1 (default: one per core).")
 
 _BUDGET_KEY = "sdrun.memory_budget"
 
