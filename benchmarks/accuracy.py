@@ -10,7 +10,9 @@ pairs whose three label sets (added, removed, changed) are identical, per column
 kept objects paired per image (equal labels, Hungarian on box and score distance,
 IoU >= 0.5), the IoU of paired boxes, how many objects have no partner, and the
 differences of detector and fused scores and of the change logit. `--from-latency`
-reuses the answers a latency run recorded (the same pairs, no second run). Writes
+reuses the answers a latency run recorded (the same pairs, no second run). `--against
+sdrun-fp32` compares with sdrun's own fp32 answers instead (e.g. OpenVINO's f32 and bf16,
+issue 25: the PyTorch reference is then not run). Writes
 accuracy_<bundle>.json/.md/.png and prints the table last.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import common  # noqa: F401  (first: thread settings before torch)
 from common import (
     CONTENDERS,
+    DESCRIBE,
     add_common_args,
     bundle_label,
     int8_bundle_for,
@@ -138,18 +141,21 @@ def run(args) -> dict:
         print(s, file=sys.stderr, flush=True)
 
     bundle = args.bundle
+    baseline = args.against
     report = {"benchmark": "accuracy", "bundle": str(bundle), "bundle_label": bundle_label(bundle),
-              "machine": machine(), "reference": "sdexport.reference.ReferencePipeline (PyTorch fp32)",
+              "machine": machine(), "against": baseline,
+              "reference": ("sdexport.reference.ReferencePipeline (PyTorch fp32)" if baseline == "reference"
+                            else f"{baseline}: {DESCRIBE[baseline]}"),
               "match_iou": MATCH_IOU}
     if args.from_latency:
         pair_ids, answers, lat = answers_from_latency(args.from_latency)
         report.update({"source": f"answers recorded by {args.from_latency}",
                        "int8_bundle": lat.get("int8_bundle"), "machine": lat.get("machine"),
                        "params": lat.get("params") or {}})
-        if "reference" not in answers:
-            raise SystemExit(f"{args.from_latency}: no reference answers recorded")
+        if baseline not in answers:
+            raise SystemExit(f"{args.from_latency}: no {baseline} answers recorded")
     else:
-        which = ["reference"] + [c for c in args.contenders.split(",") if c and c != "reference"]
+        which = [baseline] + [c for c in args.contenders.split(",") if c and c != baseline]
         bad = [c for c in which if c not in CONTENDERS]
         if bad:
             raise SystemExit(f"unknown contender(s) {bad}")
@@ -173,9 +179,9 @@ def run(args) -> dict:
             save_partial(args.out_dir, args.name or f"accuracy_{bundle.name}", report)
     report["pair_ids"] = pair_ids
     report["answers"] = answers
-    ref = answers["reference"]
+    ref = answers[baseline]
     per_pair = {name: [compare(ref[p], got[p]) for p in pair_ids if p in got and p in ref]
-                for name, got in answers.items() if name != "reference"}
+                for name, got in answers.items() if name != baseline}
     report["per_pair"] = {name: [{**{k: v for k, v in r.items() if not isinstance(v, list)},
                                   "pair": p} for r, p in zip(rows, pair_ids)]
                           for name, rows in per_pair.items()}
@@ -190,7 +196,9 @@ def _f(x, fmt="{:.3f}"):
 def markdown(report: dict) -> str:
     s = report["summary"]
     m = report.get("machine") or {}
-    lines = [f"### Accuracy against the PyTorch reference: {report['bundle_label']}", "",
+    against = "the PyTorch reference" if report.get("against", "reference") == "reference" else report["against"]
+    lines = [f"### Accuracy against {against}: {report['bundle_label']}", "",
+             *([f"{m.get('cpu', '?')}; ISA: {m.get('isa', '?')}.", ""] if m else []),
              f"{len(report['pair_ids'])} pairs ({', '.join(report['pair_ids'])}); reference: "
              f"{report['reference']}; {report['source']}; {m.get('date', '')}."
              + (f" Pipeline parameters overridden for every contender: {report['params']}."
@@ -227,7 +235,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(x, names)
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(f"agreement with the PyTorch reference: {report['bundle_label']}", fontsize=9)
+    against = "the PyTorch reference" if report.get("against", "reference") == "reference" else report["against"]
+    ax.set_title(f"agreement with {against}: {report['bundle_label']}", fontsize=9)
     save_figure(fig, path)
 
 
@@ -236,6 +245,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, pairs=3, contenders="torch,sdrun-fp32,sdrun-int8")
     ap.add_argument("--from-latency", type=Path, help="reuse the answers of a latency run")
+    ap.add_argument("--against", default="reference", choices=["reference", "sdrun-fp32"],
+                    help="the answers to compare with: the PyTorch reference, or sdrun's fp32 "
+                         "(onnxruntime) for the other sdrun contenders")
     args = ap.parse_args(argv)
     return publish(args, "accuracy", run(args), markdown, plot)
 

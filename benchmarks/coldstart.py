@@ -15,7 +15,9 @@ after one untimed trial of each so that the files are in the page cache for ever
            SPOTDIFF_GRAPH_CACHE=0): every file hashed, every graph optimised;
 - torch:   `import torch, transformers, open_clip, timm` + the optimised PyTorch pipeline
            (`sdexport.reference_fast.FastPipeline`: the four models from the bundle's
-           source/ folders, and the prompt embeddings computed once).
+           source/ folders, and the prompt embeddings computed once);
+- sdrun openvino, and its first load: the same with `--provider openvino:f32`, its compiled
+           models cached (`sdrun.backends.openvino_backend`) or compiled from the graphs.
 
 Reported: seconds to import, to load, their sum (and with --first-pair: the first pair's
 answer), the peak RSS (VmHWM) after loading, and after the first pair. Writes
@@ -95,11 +97,16 @@ CHILD_END = textwrap.dedent("""
     print("RESULT " + json.dumps(out))
 """)
 
-VARIANTS = {  # name: (child, extra environment)
-    "sdrun": ("sdrun", {}),
-    "sdrun (first load)": ("sdrun", {"SPOTDIFF_DIGEST_CACHE": "0", "SPOTDIFF_GRAPH_CACHE": "0"}),
-    "torch": ("torch", {}),
+VARIANTS = {  # name: (child, extra environment, provider: None for --provider's)
+    "sdrun": ("sdrun", {}, None),
+    "sdrun (first load)": ("sdrun", {"SPOTDIFF_DIGEST_CACHE": "0", "SPOTDIFF_GRAPH_CACHE": "0"}, None),
+    "torch": ("torch", {}, None),
+    # OpenVINO (issue 25): its compiled models cached, and compiled from the ONNX graphs
+    "sdrun openvino": ("sdrun", {}, "openvino:f32"),
+    "sdrun openvino (first load)": ("sdrun", {"SPOTDIFF_DIGEST_CACHE": "0", "SPOTDIFF_GRAPH_CACHE": "0"},
+                                    "openvino:f32"),
 }
+DEFAULT_VARIANTS = ("sdrun", "sdrun (first load)", "torch")
 # the benchmark's own digest cache, filled by the warm-up trials (not the user's ~/.cache)
 DIGEST_CACHE = tempfile.mkdtemp(prefix="spotdiff-coldstart-")
 
@@ -133,13 +140,13 @@ def run(args) -> dict:
               "repeats": args.repeats, "first_pair": args.first_pair, "provider": args.provider,
               "trials": []}
     for v in variants:  # warm the page cache for everyone; not counted
-        kind, env = VARIANTS[v]
-        r = trial(kind, args.bundle, False, args.provider, env)
+        kind, env, provider = VARIANTS[v]
+        r = trial(kind, args.bundle, False, provider or args.provider, env)
         log(f"[warm-up] {v}: import {r['import_s']:.2f} s, load {r['load_s']:.2f} s")
     for i in range(args.repeats):
         for v in variants:
-            kind, env = VARIANTS[v]
-            r = trial(kind, args.bundle, args.first_pair, args.provider, env)
+            kind, env, provider = VARIANTS[v]
+            r = trial(kind, args.bundle, args.first_pair, provider or args.provider, env)
             report["trials"].append({"variant": v, "repeat": i, **r})
             log(f"[{i + 1}/{args.repeats}] {v}: import {r['import_s']:.2f} s, load {r['load_s']:.2f} s, "
                 f"peak RSS {r['peak_rss_load_mib']:.0f} MiB"
@@ -226,7 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--first-pair", action="store_true", help="also time a first pair per process")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--name", help="output name (default coldstart_<bundle folder>)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)

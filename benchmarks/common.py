@@ -249,7 +249,7 @@ class Contender:
         return answer_of(self._run(a, b), self.labels)
 
 
-CONTENDERS = ("reference", "torch", "sdrun-fp32", "sdrun-int8")
+CONTENDERS = ("reference", "torch", "sdrun-fp32", "sdrun-int8", "sdrun-ov32", "sdrun-bf16")
 DESCRIBE = {
     "reference": "seed-style PyTorch reference (per image; prompts re-encoded per OWL-ViT call; "
                  "ensemble-boxes; CLIP on both crops of every candidate pair)",
@@ -257,7 +257,13 @@ DESCRIBE = {
              "Siamese call, one CLIP batch, inference_mode, sdrun's numpy post-processing)",
     "sdrun-fp32": "sdrun, onnxruntime, fp32 graphs",
     "sdrun-int8": "sdrun, onnxruntime, int8 graphs (dynamic quantisation)",
+    "sdrun-ov32": "sdrun, OpenVINO f32 (--provider openvino:f32), fp32 graphs",
+    "sdrun-bf16": "sdrun, OpenVINO bf16 (--provider openvino:bf16), fp32 graphs; f32 on a CPU "
+                  "without avx512_bf16/AMX",
 }
+# sdrun contenders: (bundle: "fp32" or "int8", provider on a CPU run)
+SDRUN_CONTENDERS = {"sdrun-fp32": ("fp32", "cpu"), "sdrun-int8": ("int8", "cpu"),
+                    "sdrun-ov32": ("fp32", "openvino:f32"), "sdrun-bf16": ("fp32", "openvino:bf16")}
 
 
 def load_contenders(bundle: Path, int8: Path | None, which, timer: StageTimer = TIMER,
@@ -290,11 +296,15 @@ def load_contenders(bundle: Path, int8: Path | None, which, timer: StageTimer = 
     instrument_sdrun_modules(timer)
     from sdrun.pipeline import Pipeline
 
-    for name, path in (("sdrun-fp32", bundle), ("sdrun-int8", int8)):
+    for name, (kind, cpu_provider) in SDRUN_CONTENDERS.items():
+        path = bundle if kind == "fp32" else int8
         if name not in which or path is None:
             continue
+        if provider != "cpu" and cpu_provider != "cpu":
+            raise SystemExit(f"{name} runs on the CPU (OpenVINO); leave it out of a --provider {provider} run")
         t0 = time.perf_counter()
-        pipe = Pipeline.load(path, provider=provider, threads=THREADS, params=params).open_sessions()
+        pipe = Pipeline.load(path, provider=provider if cpu_provider == "cpu" else cpu_provider,
+                             threads=THREADS, params=params).open_sessions()
         loads[name] = time.perf_counter() - t0
         instrument_pipeline(pipe, timer)
         out.append(Contender(name, pipe.diff, DESCRIBE[name], list(pipe.labels)))

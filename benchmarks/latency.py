@@ -13,7 +13,10 @@ warm-up pair each:
               once, one call per detector on [a, flip a, b, flip b], one Siamese call, one CLIP
               batch, inference_mode;
 - sdrun-fp32: `sdrun.Pipeline` on the bundle (onnxruntime);
-- sdrun-int8: the same on the int8 bundle (`--int8 auto` makes `<bundle>-int8` once).
+- sdrun-int8: the same on the int8 bundle (`--int8 auto` makes `<bundle>-int8` once);
+- sdrun-ov32: the fp32 bundle under OpenVINO f32 (`--provider openvino:f32`);
+- sdrun-bf16: the fp32 bundle under OpenVINO bf16 (`--provider openvino:bf16`; f32 on a CPU
+              without avx512_bf16 or AMX, where its bf16 target does not apply).
 
 Every contender gets the same threads (2 by default; BENCH_THREADS), OMP_WAIT_POLICY=PASSIVE
 (set before torch is imported) and onnxruntime without spinning. Stage times are exclusive
@@ -68,11 +71,21 @@ TARGETS = [
     ("sdrun fp32 vs seed-style reference, OWL-ViT-only bundle", "reference", "sdrun-fp32", 6.0, "owl"),
     ("sdrun fp32 vs optimised PyTorch", "torch", "sdrun-fp32", 1.3, "any"),
     ("sdrun int8 vs optimised PyTorch", "torch", "sdrun-int8", 2.5, "any"),
+    ("OpenVINO f32 vs onnxruntime fp32, whole pipeline", "sdrun-fp32", "sdrun-ov32", 1.15, "any"),
+    # issue 25: per bf16 kind; only on a CPU with bf16 arithmetic
+    ("OpenVINO bf16 vs onnxruntime fp32, whole pipeline", "sdrun-fp32", "sdrun-bf16",
+     {"amx": 2.5, "avx512_bf16": 1.8}, "bf16"),
 ]
 
 
 def cpu_kind(isa: str) -> str:
     return "avx512" if "avx512f" in isa.split() else "avx2"
+
+
+def bf16_kind(isa: str) -> str | None:
+    """"amx", "avx512_bf16" or None: the CPU's bf16 arithmetic, as OpenVINO uses it."""
+    flags = isa.split()
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 def stage_gflop(flops: dict, contender: str, stage: str, answer: dict, n_prompts: int) -> float:
@@ -220,12 +233,19 @@ def summarise(report: dict, names: list[str]) -> dict:
     for label, num, den, want, kind in TARGETS:
         if (kind == "gdino" and not has_gdino) or (kind == "owl" and has_gdino):
             continue
+        isa = report.get("machine", {}).get("isa", "")
+        if kind == "bf16" and bf16_kind(isa) is None:
+            if f"{num}/{den}" in out["ratios"]:
+                got = out["ratios"][f"{num}/{den}"]["median_paired"]
+                out["targets"].append({"target": label, "want": None, "got": got, "met": None, "shortfall": None,
+                                       "note": f"not applicable: this CPU has no bf16 arithmetic ({isa})"})
+            continue
         r = out["ratios"].get(f"{num}/{den}")
         if r is None:
             continue
         got = r["median_paired"]
         if isinstance(want, dict):
-            kind_here = cpu_kind(report.get("machine", {}).get("isa", ""))
+            kind_here = bf16_kind(isa) if kind == "bf16" else cpu_kind(isa)
             want, label = want[kind_here], f"{label} ({kind_here} CPU)"
         out["targets"].append({"target": label, "want": want, "got": got, "met": got >= want,
                                "shortfall": None if got >= want else want / got,
@@ -238,7 +258,7 @@ def markdown(report: dict) -> str:
     names = list(s["per_contender"])
     m = report["machine"]
     lines = [f"### Latency per pair: {report['bundle_label']}", "",
-             f"{m['cpu']}, {m['cpus']} CPUs, {m.get('memory_gib')} GiB, {m['date']}; "
+             f"{m['cpu']} ({m.get('isa', '?')}), {m['cpus']} CPUs, {m.get('memory_gib')} GiB, {m['date']}; "
              f"{report['pairs']} pairs ({', '.join(report['pair_ids'])}) x {report['repeats']} "
              f"repeat(s) after {report['warmup_pairs']} warm-up pair(s). {report['fairness']}"
              + (f" Pipeline parameters overridden for every contender: {report['params']}."
@@ -302,7 +322,8 @@ def markdown(report: dict) -> str:
     if s.get("targets"):
         rows = [[t["target"], f">= {t['want']}x", f"{t['got']:.2f}x",
                  f"{t['range'][0]:.2f}x – {t['range'][1]:.2f}x",
-                 "met" if t["met"] else f"missed (x{t['shortfall']:.2f} short)"] for t in s["targets"]]
+                 "met" if t["met"] else f"missed (x{t['shortfall']:.2f} short)"] if t["want"] is not None
+                else [t["target"], "-", f"{t['got']:.2f}x", "-", t["note"]] for t in s["targets"]]
         lines.append("Targets (the issue's, for the full-random bundles; median of per-pair ratios):")
         lines.append("")
         lines.append(md_table(["target", "wanted", "measured", "per-pair range", ""], rows, "lrrrl"))

@@ -21,7 +21,9 @@ DEFAULT = ["latency_full", "latency_full_epyc-avx512", "latency_full-owl", "accu
            "coldstart_full_epyc-avx512", "coldstart_full-int8_epyc-avx512",
            "int8_drift_full-int8", "int8_drift_full-int8_epyc-avx512", "int8_isa_tiny",
            "graph_speed_full-int8_vnni", "profile_gdino_full", "profile_gdino_full_epyc-avx512",
-           "int8_static_full-before-folding"]
+           "int8_static_full-before-folding", "latency_full-openvino_epyc-avx2",
+           "accuracy_full-openvino-real_epyc-avx2", "accuracy_full-openvino_epyc-avx2",
+           "coldstart_full-openvino_epyc-avx2"]
 
 
 def block(names: list[str]) -> str:

@@ -50,8 +50,11 @@ def reference(tiny_bundle):
     return ReferencePipeline(tiny_bundle)
 
 
-def test_runtime_equals_reference(tiny_bundle, reference):
-    pipe = Pipeline.load(tiny_bundle)
+@pytest.mark.parametrize("provider", ["cpu", "openvino:f32"])
+def test_runtime_equals_reference(tiny_bundle, reference, provider):
+    if provider.startswith("openvino"):
+        pytest.importorskip("openvino")
+    pipe = Pipeline.load(tiny_bundle, provider=provider)
     mismatches, worst_box, n_objects = [], 0.0, 0
     for pair_id, a, b in _pairs():
         r = pipe.diff(a, b, pair_id)

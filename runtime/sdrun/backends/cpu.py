@@ -70,7 +70,7 @@ def isa_summary(flags: frozenset[str] | None = None) -> str:
     """The flags that decide onnxruntime's kernels, e.g. 'avx2 avx512f avx512bw avx512_vnni'."""
     flags = cpu_flags() if flags is None else flags
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-              "avx512_bf16", "amx_int8", "asimd", "asimddp", "sve")
+              "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve")
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/neon"
 
 
