@@ -154,8 +154,12 @@ def measure_policy(bundle: Bundle, pairs: Sequence[tuple[str, np.ndarray, np.nda
             return Pipeline(b, provider=provider, params=params, threads=threads)
 
     keys = graph_keys(bundle)
-    speedup = {key: graph_speedup(bundle, key, threads) for key in keys}
-    candidates = [k for k in keys if speedup[k] >= min_speedup]
+    if has_bf16():
+        speedup = {key: graph_speedup(bundle, key, threads) for key in keys}
+    else:  # OpenVINO runs bf16 in f32 here: nothing to gain, timing would only measure noise
+        log.warning("this CPU has no bf16 arithmetic: every graph stays f32")
+        speedup = dict.fromkeys(keys, 1.0)
+    candidates = [k for k in keys if has_bf16() and speedup[k] >= min_speedup]
     for key in keys:
         log.info("%s: bf16 %.2fx f32 on its golden inputs%s", key, speedup[key],
                  "" if key in candidates else ": stays f32")

@@ -34,6 +34,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import logging
+import os
 import threading
 import warnings
 from contextlib import contextmanager
@@ -308,19 +309,23 @@ class OpenVinoModel:
         return self._compiled
 
     def _compile(self) -> Any:
-        config = compile_config(self.hint, self.threads, self.cache_folder())
+        folder = self.cache_folder()
+        config = compile_config(self.hint, self.threads, folder)
         try:
-            if self.keep or self.static_batch:
-                ov_model = core().read_model(str(self.path))
-                if self.static_batch:
-                    ov_model.reshape({p.get_any_name(): [1, *list(p.get_partial_shape())[1:]]
-                                      for p in ov_model.inputs})
-                if self.keep:
-                    n = mark_f32(ov_model, self.keep)
-                    log.info("%s: %d nodes kept in f32 (%s)", self.path.name, n, describe(self.precision))
-                compiled = core().compile_model(ov_model, "CPU", config)
-            else:  # from the path: with a cached blob OpenVINO does not even read the graph
-                compiled = core().compile_model(str(self.path), "CPU", config)
+            # from a path: with a cached blob OpenVINO hashes the file and maps the blob, it
+            # does not build the graph in memory
+            source = self._source(folder) if folder is not None else None
+            try:
+                compiled = core().compile_model(str(source) if source else self._graph(), "CPU", config)
+            except Exception as e:
+                if source is None or source == self.path:
+                    raise
+                # a damaged IR in the cache must never stop a run: drop it, use the graph
+                warnings.warn(f"{source}: cached graph unusable ({type(e).__name__}); using {self.path}",
+                              RuntimeWarning, stacklevel=2)
+                for f in (source, source.with_suffix(".bin")):
+                    f.unlink(missing_ok=True)
+                compiled = core().compile_model(self._graph(), "CPU", compile_config(self.hint, self.threads, None))
         except Exception as e:  # OpenVINO raises RuntimeError/Exception subclasses of its own
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise BundleError(f"{self.path}: OpenVINO cannot compile this graph "
@@ -328,6 +333,37 @@ class OpenVinoModel:
         self._inputs = [port_name(p, self.declared) for p in compiled.inputs]
         self._names = [port_name(p, self.declared) for p in compiled.outputs]
         return compiled
+
+    def _graph(self) -> Any:
+        """The graph as OpenVINO compiles it: batch fixed to 1 and parts kept in f32 as asked."""
+        ov_model = core().read_model(str(self.path))
+        if self.static_batch:
+            ov_model.reshape({p.get_any_name(): [1, *list(p.get_partial_shape())[1:]] for p in ov_model.inputs})
+        if self.keep:
+            n = mark_f32(ov_model, self.keep)
+            log.info("%s: %d nodes kept in f32 (%s)", self.path.name, n, describe(self.precision))
+        return ov_model
+
+    def _source(self, folder: Path) -> Path | None:
+        """The file to compile: the bundle's graph, or (batch fixed or parts marked) that graph
+        as OpenVINO IR saved once in the cache folder, so that later starts compile from a
+        path too (a warm start of Grounding DINO: 2 s instead of 7). None: the IR could not
+        be saved, compile from memory."""
+        if not (self.keep or self.static_batch):
+            return self.path
+        xml, bin_ = folder / "graph.xml", folder / "graph.bin"
+        if not (xml.is_file() and bin_.is_file()):
+            ov = import_openvino()
+            tmp = folder / f".graph-{os.getpid()}-{threading.get_ident()}.xml"
+            try:
+                ov.save_model(self._graph(), str(tmp), compress_to_fp16=False)
+                os.replace(tmp.with_suffix(".bin"), bin_)  # the weights first: an .xml is never without them
+                os.replace(tmp, xml)
+            except OSError:  # a cache that cannot be written: compile from memory this once
+                for t in (tmp, tmp.with_suffix(".bin")):
+                    t.unlink(missing_ok=True)
+                return None
+        return xml
 
     @property
     def input_names(self) -> list[str]:

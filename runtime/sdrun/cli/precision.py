@@ -61,7 +61,7 @@ def register(group: click.Group) -> None:
         b = Bundle.load(bundle)
         pairs = []
         for i in range(synthetic):
-            img1, img2, _, _ = make_pair(pair_rng(0, i), labels=b.vocabulary)
+            img1, img2, _, _ = make_pair(pair_rng(0, i))
             pairs.append((f"synth-{i}", img1, img2))
         if data:
             for p in list_pairs(data):
