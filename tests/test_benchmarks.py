@@ -36,7 +36,7 @@ def test_latency_smoke(latency, tiny_bundle):
     assert "| contender |" in stdout and "| stage |" in stdout  # the tables, printed last
     for ext in ("md", "png"):
         assert (out / f"latency_{tiny_bundle.name}.{ext}").stat().st_size > 0
-    names = ["reference", "torch", "sdrun-fp32", "sdrun-int8"]
+    names = ["reference", "torch", "sdrun-fp32", "sdrun-int8", "sdrun-ov32", "sdrun-bf16"]
     s = data["summary"]
     assert list(s["per_contender"]) == names
     assert len(data["runs"]) == 2 * len(names)
@@ -77,15 +77,29 @@ def test_accuracy_from_latency(latency, tiny_bundle, tmp_path):
     _run("accuracy.py", "--bundle", str(tiny_bundle), "--from-latency",
          str(out / f"latency_{tiny_bundle.name}.json"), "--out-dir", str(tmp_path))
     s = json.loads((tmp_path / f"accuracy_{tiny_bundle.name}.json").read_text())["summary"]
-    assert set(s) == {"torch", "sdrun-fp32", "sdrun-int8"}
+    assert set(s) == {"torch", "sdrun-fp32", "sdrun-int8", "sdrun-ov32", "sdrun-bf16"}
+    assert s["sdrun-ov32"]["identical_share"] == 1.0, s["sdrun-ov32"]  # OpenVINO f32: the reference's
+
+
+def test_accuracy_against_sdrun_fp32(latency, tiny_bundle, tmp_path):
+    """OpenVINO's contenders judged against onnxruntime fp32's answers (issue 25)."""
+    out, _, _ = latency
+    stdout = _run("accuracy.py", "--bundle", str(tiny_bundle), "--from-latency",
+                  str(out / f"latency_{tiny_bundle.name}.json"), "--against", "sdrun-fp32",
+                  "--out-dir", str(tmp_path), "--name", "acc32")
+    assert "Accuracy against sdrun-fp32" in stdout
+    data = json.loads((tmp_path / "acc32.json").read_text())
+    assert data["against"] == "sdrun-fp32" and "sdrun-fp32" not in data["summary"]
+    assert data["summary"]["sdrun-ov32"]["identical_share"] == 1.0
+    assert data["summary"]["sdrun-ov32"]["score_diff_max"] < 1e-4
 
 
 def test_coldstart_smoke(tiny_bundle, tmp_path):
     stdout = _run("coldstart.py", "--bundle", str(tiny_bundle), "--repeats", "1",
-                  "--variants", "sdrun,torch", "--out-dir", str(tmp_path))
+                  "--variants", "sdrun,torch,sdrun openvino", "--out-dir", str(tmp_path))
     assert "peak RSS" in stdout
     data = json.loads((tmp_path / f"coldstart_{tiny_bundle.name}.json").read_text())
-    for v in ("sdrun", "torch"):
+    for v in ("sdrun", "torch", "sdrun openvino"):
         x = data["summary"][v]
         assert x["import_s"]["median"] > 0 and x["load_s"]["median"] > 0
         assert x["peak_rss_load_mib"]["median"] > 50
