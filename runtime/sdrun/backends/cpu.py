@@ -14,6 +14,7 @@ aarch64's dot-product kernels accumulate in int32 and are exact.
 """
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,13 @@ def cpu_info() -> dict[str, str]:
     except OSError:
         pass
     return info
+
+
+def default_threads() -> int:
+    """Threads per model call when none is given: SDRUN_THREADS, else 0 (the runtime picks:
+    one per physical core)."""
+    env = os.environ.get("SDRUN_THREADS")
+    return int(env) if env else 0
 
 
 def cpu_flags() -> frozenset[str]:

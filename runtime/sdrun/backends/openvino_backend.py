@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import BundleError, ProviderError
-from .cpu import cpu_flags
+from .cpu import cpu_flags, default_threads
 from .memory import GraphCost
 from .ortcache import cpu_signature
 from .ortcache import enabled as cache_enabled
@@ -261,8 +261,6 @@ class OpenVinoModel:
         self.hint, self.keep = kept_f32(model, precision)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ProviderError(f"threads={threads!r}: give a whole number of at least 1 (None: one per core)")
-        from .session import default_threads
-
         self.threads = default_threads() if threads is None else threads
         self.check_tolerance = tolerance
         self.sha256 = sha256

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BundleError, ProviderError, SpotdiffError
-from .cpu import int8_clipping_warning
+from .cpu import default_threads, int8_clipping_warning
 from .interface import ALL_PROVIDERS, ORT_PROVIDERS, Model, runs_on_cpu
 from .memory import BudgetedModel, GraphCost, MemoryBudget
 
@@ -31,11 +31,6 @@ if TYPE_CHECKING:
 #   "no-arena"  no arena: every tensor from malloc, freed after the run
 ARENA_MODES = ("arena", "shrink", "no-arena")
 DEFAULT_ARENA = "shrink"
-
-
-def default_threads() -> int:
-    env = os.environ.get("SDRUN_THREADS")
-    return int(env) if env else 0  # 0: onnxruntime picks (one per physical core)
 
 
 class OnnxModel:
