@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backends.cpu import cpu_info, isa_summary
-from ..backends.openvino_backend import PARTS, TOLERANCE, OpenVinoModel, describe, has_bf16, ov_version
+from ..backends.openvino_backend import PARTS, TOLERANCE, describe, has_bf16, open_openvino, ov_version
 from ..bundle.bundle import Bundle, golden_cases
 from .check import check_graph
 
@@ -125,12 +125,15 @@ def label_sets_of(pipe: Any, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]
     return out
 
 
-def golden_seconds(bundle: Bundle, model: str, graph: str, session: Any, repeats: int = 3) -> float:
-    """The fastest of `repeats` runs of a graph over its golden inputs."""
+def golden_feeds(bundle: Bundle, model: str, graph: str) -> list[dict[str, np.ndarray]]:
     golden = bundle.arrays(bundle.model(model)["golden_file"])
-    feeds = [io["in"] for (_, g), io in sorted(golden_cases(golden).items()) if g == graph]
+    return [io["in"] for (_, g), io in sorted(golden_cases(golden).items()) if g == graph]
+
+
+def fastest_seconds(session: Any, feeds: Sequence[dict[str, np.ndarray]], repeats: int = 3) -> float:
+    """The fastest of `repeats` passes of `session` over `feeds`, after one untimed pass."""
     session.open()
-    for f in feeds:  # warm-up
+    for f in feeds:
         session.run(f)
     best = math.inf
     for _ in range(repeats):
@@ -179,8 +182,7 @@ def measure_policy(bundle: Bundle, pairs: Sequence[tuple[str, np.ndarray, np.nda
         if precision == "f32":
             continue
         model, graph = key.split("/")
-        lowered = OpenVinoModel(bundle.path(bundle.model(model)["graphs"][graph]["file"]), precision,
-                                threads, model=model)
+        lowered = open_openvino(bundle, model, graph, precision, threads)
         drift = {f"{c.case}/{c.output}": c.rel_l2 for c in check_graph(bundle, model, graph, lowered, 1.0)}
         report.drift[key] = {k: float(f"{v:.3g}") for k, v in drift.items()}
         worst = max(drift.values(), default=0.0)
@@ -193,11 +195,11 @@ def measure_policy(bundle: Bundle, pairs: Sequence[tuple[str, np.ndarray, np.nda
 def graph_speedup(bundle: Bundle, key: str, threads: int | None) -> float:
     """f32 time over bf16 time of one graph on its golden inputs (OpenVINO both)."""
     model, graph = key.split("/")
-    path = bundle.path(bundle.model(model)["graphs"][graph]["file"])
-    f32 = golden_seconds(bundle, model, graph, OpenVinoModel(path, "f32", threads, model=model))
+    feeds = golden_feeds(bundle, model, graph)
+    f32 = fastest_seconds(open_openvino(bundle, model, graph, "f32", threads), feeds)
     gc.collect()
     with warnings.catch_warnings():  # "no bf16 on this CPU" was said once by the caller
         warnings.simplefilter("ignore", RuntimeWarning)
-        bf16 = golden_seconds(bundle, model, graph, OpenVinoModel(path, "bf16", threads, model=model))
+        bf16 = fastest_seconds(open_openvino(bundle, model, graph, "bf16", threads), feeds)
     gc.collect()
     return f32 / bf16 if bf16 > 0 else 1.0

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import BundleError, ProviderError
 from .cpu import cpu_flags, default_threads
-from .memory import GraphCost
+from .memory import GraphCost, run_in_chunks
 from .ortcache import cpu_signature
 from .ortcache import enabled as cache_enabled
 
@@ -128,9 +128,10 @@ def bundle_policy(bundle: Bundle) -> dict[str, Any]:
     return dict(section.get("policy", {})) if isinstance(section, dict) else {}
 
 
-def graph_precision(bundle: Bundle, model: str, graph: str, requested: str | None,
+def graph_precision(bundle: Bundle, model: str, graph: str, requested: str | dict[str, str] | None,
                     flags: frozenset[str] | None = None) -> str | dict[str, str]:
-    """The precision one graph runs at for `requested` ("f32", "bf16" or None: the policy)."""
+    """The precision one graph runs at for `requested` ("f32", "bf16", {part: precision} or
+    None: the policy)."""
     if requested is not None:
         return requested
     if not has_bf16(flags):
@@ -287,9 +288,11 @@ class OpenVinoModel:
             return None
         from ..bundle.digests import DigestCache, cache_dir
 
-        digests = DigestCache()
-        sha = self.sha256 or digests.sha256(self.path)
-        digests.save()
+        sha = self.sha256
+        if sha is None:  # a graph outside a bundle: hashed once, remembered like a bundle's files
+            digests = DigestCache()
+            sha = digests.sha256(self.path)
+            digests.save()
         folder = cache_dir() / CACHE_SUBDIR / cache_key(sha, ov_version(), self.hint, self.keep, self.static_batch)
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -374,11 +377,13 @@ class OpenVinoModel:
         return list(self._names)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.compiled  # noqa: B018  (names the inputs)
+        if self.static_batch:  # compiled for batch 1: a larger call runs row by row
+            return run_in_chunks(self._run_once, feeds, self._inputs, 1)
+        return self._run_once(feeds)
+
+    def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         compiled = self.compiled
-        n = len(feeds[self._inputs[0]]) if self._inputs else 1
-        if self.static_batch and n != 1:
-            rows = [self.run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
-            return {k: np.concatenate([r[k] for r in rows]) for k in self._names}
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = compiled.create_infer_request()
@@ -400,8 +405,10 @@ def port_name(port: Any, declared: Sequence[str] = ()) -> str:
     return (outer or names or [port.get_any_name()])[0]
 
 
-def open_openvino(bundle: Bundle, model: str, graph: str, requested: str | None,
+def open_openvino(bundle: Bundle, model: str, graph: str, requested: str | dict[str, str] | None,
                   threads: int | None) -> OpenVinoModel:
+    """One graph of a bundle under OpenVINO at `requested` precision (None: the policy's),
+    compiled as the pipeline runs it (batch 1 where its outputs depend on the batch)."""
     entry = bundle.model(model)["graphs"][graph]
     if entry.get("precision") == "int8":
         raise ProviderError(f"{model}/{graph} is an int8 graph (onnxruntime's dynamic quantisation); "
