@@ -155,7 +155,7 @@ def check_output_paths(outputs: Mapping[str, Path | None], inputs: Iterable[tupl
                                       "manifest)")
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
     p, d = _key(path), _key(folder)
     return p == d or d in p.parents
 
@@ -172,7 +172,7 @@ def check_output_folder(folder: str | Path, what: str,
     absent or empty. `hint` ends the message (e.g. which flag allows reuse)."""
     folder = Path(folder)
     for what_in, q in inputs:
-        if q is not None and _inside(Path(q), folder):
+        if q is not None and is_inside(Path(q), folder):
             raise OutputPathError(f"{what} {folder} would replace {what_in} {q}, which lies "
                                   "inside it; choose another output folder")
     if not folder.exists():

@@ -37,6 +37,7 @@ from .models import (
     Detector,
     Embedder,
     ModelAdapter,
+    OpenGraph,
     adapter_class,
 )
 from .stages import decide, detect, heatmap, preprocess
@@ -116,11 +117,13 @@ class Pipeline:
     def __init__(self, bundle: Bundle, provider: str = "cpu", params: dict | None = None,
                  threads: int | None = None, allow_onnx_fallback: bool = False,
                  memory_budget: MemoryBudget | int | str | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, graph_opener: OpenGraph | None = None):
         """`memory_budget`: the bytes (or '6G') every model call together may use at once;
         calls larger than that run in chunks (same answers). Default: a share of the memory
         this process can get (`sdrun.backends.memory`). `max_pixels`: an image file of more
-        pixels is refused from its header, before decoding (None: no limit)."""
+        pixels is refused from its header, before decoding (None: no limit). `graph_opener`:
+        (model, graph) -> the runnable graph, instead of opening the bundle's own with
+        `provider` (Triton's `spotdiff` model runs them as other Triton models)."""
         self.max_pixels = max_pixels
         self.bundle = bundle
         self.provider = provider
@@ -137,7 +140,7 @@ class Pipeline:
                               budget=self.memory_budget)
 
         self.models: dict[str, ModelAdapter] = {
-            name: adapter_class(b, name)(b, session) for name in b.models}
+            name: adapter_class(b, name)(b, graph_opener or session) for name in b.models}
         by_role = {role: [m for m in self.models.values() if m.role == role]
                    for role in ("detector", "change", "embedder")}
         for role, found in by_role.items():

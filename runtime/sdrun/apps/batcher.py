@@ -205,18 +205,24 @@ class Batcher:
                     req.future.set_result((answer, timing))
 
     def _run(self, batch: list[_Request]) -> list:
-        """Every pair's result (or exception): one model call for the batch, then each
-        pair's own parameters; a batch that fails as a whole is run pair by pair."""
-        def run(requests: Sequence[_Request]) -> list:
-            # CLIP embeds the boxes each request's own parameters keep
-            outputs = self.pipe.model_outputs([(r.pair_id, r.a, r.b) for r in requests], embed="kept",
-                                              params=[r.params or None for r in requests])
-            answers: list = []
-            for r, o in zip(requests, outputs):
-                try:
-                    answers.append(self.pipe.finish(o, r.params or None))
-                except Exception as e:  # this pair's own failure
-                    answers.append(e)
-            return answers
+        return diff_pairs(self.pipe, [(r.pair_id, r.a, r.b, r.params) for r in batch])
 
-        return run_isolated(batch, run, lambda r, e: e)
+
+def diff_pairs(pipe: Pipeline, pairs: Sequence[tuple]) -> list:
+    """Every (id, a, b, params) pair's PairResult, or the exception that stopped it: one
+    model call for them all, then each pair's own (request) parameters; a batch that fails
+    as a whole is run pair by pair. The service's batcher and Triton's `spotdiff` model
+    both answer through here."""
+    def run(items: Sequence[tuple]) -> list:
+        # CLIP embeds the boxes each pair's own parameters keep
+        outputs = pipe.model_outputs([(pid, a, b) for pid, a, b, _ in items], embed="kept",
+                                     params=[p or None for *_, p in items])
+        answers: list = []
+        for (*_, p), o in zip(items, outputs):
+            try:
+                answers.append(pipe.finish(o, p or None))
+            except Exception as e:  # this pair's own failure
+                answers.append(e)
+        return answers
+
+    return run_isolated(pairs, run, lambda item, e: e)

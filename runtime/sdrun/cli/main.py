@@ -24,6 +24,7 @@ from ..errors import SpotdiffError
 from ..version import version_option
 from . import eval as eval_commands
 from . import precision as precision_commands
+from . import triton as triton_commands
 from .options import (
     MAX_PIXELS,
     MEMORY_BUDGET,
@@ -402,6 +403,7 @@ def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes
 
 eval_commands.register(main)  # score, eval, tune
 precision_commands.register(main)  # precision
+triton_commands.register(main)  # triton
 
 if __name__ == "__main__":
     main()

@@ -17,9 +17,10 @@ from .base import (
     Detector,
     Embedder,
     ModelAdapter,
+    OpenGraph,
     adapter_class,
     register,
 )
 
 __all__ = ["REGISTRY", "ChangeModel", "Detections", "Detector", "Embedder", "ModelAdapter",
-           "adapter_class", "register"]
+           "OpenGraph", "adapter_class", "register"]
