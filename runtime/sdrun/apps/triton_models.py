@@ -43,9 +43,29 @@ class TritonCallError(SpotdiffError):
 
 def triton_utils() -> Any:
     """Triton's `triton_python_backend_utils` (only inside the python backend)."""
-    import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
+    import triton_python_backend_utils as pb_utils
 
     return pb_utils
+
+
+def check_tensor_exchange(pb: Any) -> None:
+    """SpotdiffError when this python backend hands numpy arrays over wrongly. Measured with
+    Triton 2.51's stub (a pybind11 older than numpy 2) under numpy 2: an input [1, 2, 3]
+    reads back as [1, 1, 1] and BYTES inputs crash the stub, quietly wrong answers at best.
+    A tensor made through DLPack and read with `as_numpy` shows it. Under numpy 1 there is
+    nothing to check (and that stub cannot take numpy 1's DLPack capsules: it breaks)."""
+    if int(np.__version__.split(".")[0]) < 2:
+        return
+    probe = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    try:
+        back = pb.Tensor.from_dlpack("probe", probe).as_numpy()
+    except Exception:
+        return
+    if back.shape != probe.shape or not np.array_equal(back, probe):
+        raise SpotdiffError(
+            f"this Triton python backend corrupts numpy {np.__version__} arrays (it read "
+            f"{back.ravel().tolist()} for {probe.ravel().tolist()}): its stub predates numpy 2. Run it "
+            "in an environment with numpy < 2 (sdrun works with both), or use a newer Triton")
 
 
 def config_parameters(config: dict) -> dict[str, str]:
@@ -84,6 +104,7 @@ class GraphModel:
     """A bundle graph as a Triton python-backend model (`--graphs python`)."""
 
     def initialize(self, args: dict) -> None:
+        check_tensor_exchange(triton_utils())
         config = json.loads(args["model_config"])
         params = config_parameters(config)
         folder = Path(args["model_repository"]) / str(args["model_version"])
@@ -137,7 +158,7 @@ class GraphModel:
         return list(groups.values())
 
     def finalize(self) -> None:
-        self.model = None
+        del self.model  # the graph's session goes with the instance
 
 
 class TritonGraph:
@@ -212,6 +233,7 @@ class SpotdiffModel:
     """The pipeline as a Triton python-backend model over BLS graph models."""
 
     def initialize(self, args: dict) -> None:
+        check_tensor_exchange(triton_utils())
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"])
         self.bundle = open_repository_bundle(folder, str(args["model_version"]))
@@ -297,7 +319,7 @@ class SpotdiffModel:
         return decode_image(bytes(data), f"{name} of pair {pair_id or '?'}", max_pixels=self.max_pixels)
 
     def finalize(self) -> None:
-        self.pipe = None  # type: ignore[assignment]
+        del self.pipe
 
 
 def _text(value: Any, what: str) -> str:
