@@ -421,6 +421,10 @@ each python model's config.pbtxt:
 
 (`pip install spotdiff` in a conda environment, then `conda-pack`).
 
+A python backend built before numpy 2 (Triton 2.51's, for one) hands numpy 2 arrays over
+wrongly: the models check this at load and refuse; give that server `numpy<2` (sdrun runs
+with numpy 1.24 and later).
+
 ## Ask it
 
 ```python
