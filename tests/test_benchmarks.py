@@ -180,6 +180,18 @@ def test_serve_load_benchmark_smoke(tiny_bundle, tmp_path):
     assert report["settings"]["default"]["mean_pairs"] == 1.0  # one pair per batch on CPU
 
 
+def test_triton_load_benchmark_smoke(tiny_bundle, tmp_path):
+    pytest.importorskip("tritonclient")
+    _run("triton_load.py", "--bundle", str(tiny_bundle), "--pairs", "3", "--clients", "2",
+         "--out-dir", str(tmp_path), "--name", "triton")
+    report = json.loads((tmp_path / "triton.json").read_text())
+    answers = report["sequential"] + report["concurrent"]
+    assert len(report["sequential"]) == 3 and len(report["concurrent"]) == 3
+    assert all(a["same_label_sets"] and a["same_objects"] and a["error"] is None for a in answers)
+    assert 0 < report["server_rss_ready_bytes"] <= report["server_rss_peak_bytes"]
+    assert report["sdrun_diff_peak_bytes"] > 0 and report["stop_rc"] == 0
+
+
 def test_gridsample_benchmark_smoke(tmp_path):
     _run("gridsample_vs_gather.py", "--repeats", "1", "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "gridsample_vs_gather.json").read_text())
