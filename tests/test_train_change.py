@@ -263,3 +263,43 @@ def test_bad_training_input_is_named(pairs, tmp_path):
     res = train("--data", pairs, "--csv", some, "--out", tmp_path / "r1", "--epochs", "1", "--lr", "0.01",
                 "--resume", *TINY)
     assert res.exit_code == 2 and "another configuration" in res.output and "lr 0.0001 there, 0.01 now" in res.output
+
+
+
+def test_the_patch_diff_head_trains_and_builds_into_a_bundle(pairs, tmp_path):
+    """`--head patch-diff` (docs/departures.md): trained, recorded in the checkpoint's keys,
+    built into a bundle whose Siamese graph gives PyTorch's answers (its golden check, and
+    the golden logit against the trained model here)."""
+    from sdexport.build import build_bundle, resolve_sources
+    from sdexport.models.siamese import SiameseViTChange, backbone_for, head_of_state_dict
+    from sdexport.sources import parse_source
+    from sdrun.apps.check import check_bundle
+    from sdrun.bundle.bundle import Bundle
+    from sdrun.bundle.vocab import default_vocabulary
+
+    res = train("--data", pairs, "--csv", pairs / "labels.csv", "--out", tmp_path / "run",
+                "--head", "patch-diff", "--epochs", "1", *TINY)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["head"] == "patch-diff"
+    sd = tensors(tmp_path / "run" / "best.safetensors")
+    assert head_of_state_dict(sd)[0] == "patch-diff" and "head.0.weight" not in sd
+    model = SiameseViTChange(backbone_for(parse_source("siamese", "tiny-random", None)), head="patch-diff")
+    model.load_state_dict(sd)
+
+    out = tmp_path / "bundle"
+    build_bundle(out, resolve_sources("tiny-random", {"gdino": "none"}), default_vocabulary(),
+                 siamese_ckpt=tmp_path / "run" / "best.safetensors", log=lambda s: None)
+    b = Bundle.load(out)
+    assert b.model("siamese")["change_head"] == "patch-diff"
+    checks = list(check_bundle(b))
+    assert checks and all(c.ok for c in checks)
+    golden = b.arrays(b.model("siamese")["golden_file"])
+    for case in ("image", "random"):
+        x = torch.from_numpy(golden[f"{case}__pair__in__pairs"])
+        with torch.no_grad():
+            heat, logit = model.eval()(x[:, 0], x[:, 1])
+        np.testing.assert_allclose(golden[f"{case}__pair__out__logit"], logit.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(golden[f"{case}__pair__out__heat"], heat.numpy(), rtol=1e-5, atol=1e-6)
+    resumed = train("--data", pairs, "--csv", pairs / "labels.csv", "--out", tmp_path / "run",
+                    "--epochs", "1", "--resume", *TINY)  # the notebook's head: not the run's
+    assert resumed.exit_code != 0 and "head" in resumed.output

@@ -206,6 +206,10 @@ def measure_memory(bundle):
 @click.option("--heads", type=click.Choice(["change", "per-class"]), default="change", show_default=True,
               help="change: the notebook's change logit; per-class: also 3 x V logits (label v "
                    "added / removed / changed) trained on the CSV's category labels.")
+@click.option("--head", type=click.Choice(["notebook", "patch-diff"]), default="notebook", show_default=True,
+              help="notebook: an MLP on the mean of all tokens of each image (the notebook's). "
+                   "patch-diff: per-patch features of |a - b| and a * b, max- and mean-pooled: sees "
+                   "where the images differ (docs/departures.md).")
 @click.option("--vocab", help="per-class heads: the labels (a comma-separated list or a CSV); "
                               "default: every label of --csv, normalised and sorted (the notebook's).")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
@@ -222,7 +226,7 @@ def measure_memory(bundle):
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last finished epoch "
                                              "(an error when --out holds no run).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_change(data, csv_path, out, backbone, heads, vocab, epochs, batch_size, lr, weight_decay,
+def train_change(data, csv_path, out, backbone, heads, head, vocab, epochs, batch_size, lr, weight_decay,
                  val_frac, seed, device, workers, resume, quiet):
     """Train the notebook's Siamese change model (its dataset, augmentations, weak label and
     focal loss; a class-balanced sampler; AdamW, warm-up + cosine) on labelled pairs.
@@ -244,7 +248,7 @@ def train_change(data, csv_path, out, backbone, heads, vocab, epochs, batch_size
         if vocab is not None and heads != "per-class":
             raise click.UsageError("--vocab names the labels of per-class heads: add --heads "
                                    "per-class, or leave --vocab out")
-        cfg = TrainConfig(data=data, csv=csv_path, backbone=backbone, heads=heads, epochs=epochs,
+        cfg = TrainConfig(data=data, csv=csv_path, backbone=backbone, heads=heads, head=head, epochs=epochs,
                           batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_frac=val_frac,
                           seed=seed, vocab=parse_vocabulary(vocab) if vocab is not None else None)
         vocab_file = [("--vocab", vocab)] if vocab is not None and Path(vocab).exists() else []

@@ -25,6 +25,8 @@ from ..writer import BundleWriter, GoldenRecorder
 CKPT_FILE = "siamese_change.safetensors"
 TINY_ARGS = dict(embed_dim=32, depth=2, num_heads=2)
 HEAD_HIDDEN = 256
+PATCH_HIDDEN = 64  # the patch-diff head's width per patch
+HEADS = ("notebook", "patch-diff")
 
 
 class SiameseViTChange(nn.Module):
@@ -38,15 +40,37 @@ class SiameseViTChange(nn.Module):
     heads, trained from category-level labels"): `class_head`, the same shape of MLP on the
     same pooled features, giving [N, 3, n_labels] logits: label v added / removed / changed."""
 
-    def __init__(self, backbone: nn.Module, hidden: int = HEAD_HIDDEN, n_labels: int = 0):
+    def __init__(self, backbone: nn.Module, hidden: int | None = None, n_labels: int = 0,
+                 head: str = "notebook"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head {head!r}: choose one of {', '.join(HEADS)}")
         self.backbone = backbone
         self.embed_dim = backbone.num_features
         self.n_labels = n_labels
-        self.head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        if n_labels:
-            self.class_head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(),
-                                            nn.Linear(hidden, 3 * n_labels))
+        self.head_kind = head
+        if head == "notebook":
+            hidden = hidden or HEAD_HIDDEN
+            self.head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            if n_labels:
+                self.class_head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(),
+                                                nn.Linear(hidden, 3 * n_labels))
+        else:  # patch-diff (docs/departures.md): each patch's |a - b| and a * b, max- and mean-pooled
+            hidden = hidden or PATCH_HIDDEN
+            self.patch_proj = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(),
+                                            nn.Linear(hidden, hidden), nn.ReLU())
+            self.head = nn.Linear(2 * hidden, 1)
+            if n_labels:
+                self.class_head = nn.Linear(2 * hidden, 3 * n_labels)
+
+    def pooled(self, ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        """What the heads see: the notebook's mean of every token of each image, or the
+        patch-diff head's pooled per-patch features of where the two images differ."""
+        if self.head_kind == "notebook":
+            return torch.cat([ta.mean(1), tb.mean(1)], dim=1)
+        pa, pb = ta[:, 1:], tb[:, 1:]
+        f = self.patch_proj(torch.cat([(pa - pb).abs(), pa * pb], dim=-1))
+        return torch.cat([f.amax(1), f.mean(1)], dim=1)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         n = a.shape[0]
@@ -54,7 +78,7 @@ class SiameseViTChange(nn.Module):
         ta, tb = tokens[:n], tokens[n:]
         gh, gw = self.backbone.patch_embed.grid_size
         heat = (ta[:, 1:] - tb[:, 1:]).pow(2).sum(-1).sqrt().reshape(n, gh, gw)
-        pooled = torch.cat([ta.mean(1), tb.mean(1)], dim=1)
+        pooled = self.pooled(ta, tb)
         logit = self.head(pooled).squeeze(-1)
         if not self.n_labels:
             return heat, logit
@@ -173,9 +197,8 @@ def load_torch(source: Source, ctx: BuildContext, ckpt: str | Path | None = None
     if ckpt is not None:
         ckpt = Path(ckpt)
         sd = load_state_dict_file(ckpt)
-        hidden = sd["head.0.weight"].shape[0] if "head.0.weight" in sd else HEAD_HIDDEN
-        n_labels = sd["class_head.2.weight"].shape[0] // 3 if "class_head.2.weight" in sd else 0
-        model = SiameseViTChange(backbone, hidden, n_labels)
+        head, hidden, n_labels = head_of_state_dict(sd)
+        model = SiameseViTChange(backbone, hidden, n_labels, head=head)
         _check_state_dict(ckpt, model, sd)
         if n_labels:
             _check_head_vocabulary(ckpt, n_labels, ctx.vocabulary)
@@ -185,6 +208,16 @@ def load_torch(source: Source, ctx: BuildContext, ckpt: str | Path | None = None
         model = SiameseViTChange(backbone)
     data_cfg = timm.data.resolve_data_config({}, model=backbone)
     return model.eval(), data_cfg, head_from
+
+
+def head_of_state_dict(sd: dict) -> tuple[str, int, int]:
+    """(head kind, hidden width, per-class labels) of a checkpoint, from its keys."""
+    if "patch_proj.0.weight" in sd:
+        labels = sd["class_head.weight"].shape[0] // 3 if "class_head.weight" in sd else 0
+        return "patch-diff", int(sd["patch_proj.0.weight"].shape[0]), int(labels)
+    hidden = sd["head.0.weight"].shape[0] if "head.0.weight" in sd else HEAD_HIDDEN
+    labels = sd["class_head.2.weight"].shape[0] // 3 if "class_head.2.weight" in sd else 0
+    return "notebook", int(hidden), int(labels)
 
 
 def save_local(model: SiameseViTChange, folder: Path):
@@ -230,7 +263,7 @@ def timm_transform(data_cfg: dict):
 def export_model(source: Source, writer: BundleWriter, ctx: BuildContext,
                  ckpt: str | Path | None = None) -> dict:
     model, data_cfg, head_from = load_torch(source, ctx, ckpt)
-    entry: dict = {"source": {**source.describe(), "head": head_from}}
+    entry: dict = {"source": {**source.describe(), "head": head_from}, "change_head": model.head_kind}
     if source.is_random:
         save_local(model, writer.source_dir("siamese"))
         entry["source"]["saved_to"] = "source/siamese"

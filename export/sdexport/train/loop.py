@@ -34,7 +34,7 @@ import torch
 from sdrun.errors import SpotdiffError
 from sdrun.files import atomic_path, atomic_write, check_output_folder
 
-from ..models.siamese import SiameseViTChange, backbone_for
+from ..models.siamese import HEADS, SiameseViTChange, backbone_for
 from ..sources import parse_source
 from .data import (
     PairDataset,
@@ -72,6 +72,7 @@ class TrainConfig:
     csv: str
     backbone: str = "vit_base_patch16_224"
     heads: str = "change"  # "change" or "per-class"
+    head: str = "notebook"  # the change head: "notebook" or "patch-diff" (models.siamese.HEADS)
     epochs: int = 5
     batch_size: int = 16
     lr: float = 1e-4
@@ -146,6 +147,8 @@ def _score(record: dict) -> float:
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.heads not in ("change", "per-class"):
         raise TrainError(f"--heads {cfg.heads!r}: choose change or per-class")
+    if cfg.head not in HEADS:
+        raise TrainError(f"--head {cfg.head!r}: choose one of {', '.join(HEADS)}")
     if cfg.vocab is not None and cfg.heads != "per-class":
         raise TrainError("--vocab names the labels of per-class heads: add --heads per-class, "
                          "or leave --vocab out")
@@ -350,6 +353,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
     before = _prepare_folder(run, resume, folder_inputs)
     now = {"format": FORMAT, **cfg.compared()}
     if before is not None:
+        before.setdefault("head", "notebook")  # runs from before the head option
         diffs = [f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(before) | set(now))
                  if before.get(k) != now.get(k)]
         if diffs:
@@ -363,7 +367,8 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
     check_both_kinds(rows, train_rows, cfg.csv, cfg.val_frac, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    model = SiameseViTChange(backbone_for(source), n_labels=len(vocab) if per_class else 0).to(device)
+    model = SiameseViTChange(backbone_for(source), n_labels=len(vocab) if per_class else 0,
+                             head=cfg.head).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
