@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -43,6 +44,13 @@ FAIRNESS_NOTE = (f"{THREADS} threads for every contender (torch.set_num_threads(
 
 
 # ---- the machine ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def machine() -> dict:
     from sdrun.backends.cpu import cpu_info, int8_kernel, isa_summary

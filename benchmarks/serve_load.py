@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (threads)
-from common import RESULTS, THREADS, machine, make_pairs, md_table, parse_params, write_outputs
+from common import RESULTS, THREADS, free_port, machine, make_pairs, md_table, parse_params, write_outputs
 
 import numpy as np
 
@@ -37,12 +36,6 @@ from sdrun.backends.memory import proc_status_kib
 from sdrun.csvfile import COLUMNS
 
 GiB = 2**30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RssWatch:

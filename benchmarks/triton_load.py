@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common  # noqa: F401  (threads)
-from common import RESULTS, machine, make_pairs, md_table, write_outputs
+from common import RESULTS, free_port, machine, make_pairs, md_table, write_outputs
 
 import numpy as np
 
@@ -161,7 +161,7 @@ def main() -> int:
     t0 = time.perf_counter()
     write_repository(Bundle.load(args.bundle), repo, RepositoryOptions(graphs="python"))
     write_s = time.perf_counter() - t0
-    http, grpc = script_ports()
+    http, grpc = free_port(), free_port()
     log = work / "tritonserver.log"
     t0 = time.perf_counter()
     proc = script.start(repo, dist, http, grpc, log_file=log)
@@ -197,17 +197,6 @@ def main() -> int:
     write_outputs(args.out_dir, name, report, md)
     print(md)
     return 0
-
-
-def script_ports() -> tuple[int, int]:
-    import socket
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    return ports[0], ports[1]
 
 
 def markdown(r: dict) -> str:

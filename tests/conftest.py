@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,13 @@ def tiny_bundle(tmp_path_factory) -> Path:
     build_bundle(out, resolve_sources("tiny-random", {}), default_vocabulary(),
                  gdino_size=(256, 256), log=lambda s: None)
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sdrun(*args):

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import BLOCK_TORCH  # noqa: E402
+from conftest import BLOCK_TORCH, free_port  # noqa: E402
 
 from sdrun.apps.serve import ServeConfig, create_app  # noqa: E402
 from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
@@ -170,14 +169,8 @@ def test_a_full_queue_answers_503_and_loses_nothing(tiny_bundle, pipe, pairs):
     assert first.status_code == 200 and second.status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_on_a_socket_without_torch(tiny_bundle, pipe, pairs):
-    port = _free_port()
+    port = free_port()
     code = BLOCK_TORCH + textwrap.dedent(f"""
         sys.argv = ["sdrun", "serve", {str(tiny_bundle)!r}, "--port", "{port}", "--log-level", "info"]
         from sdrun.cli import main

@@ -22,7 +22,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import BLOCK_TORCH  # noqa: E402
+from conftest import BLOCK_TORCH, free_port  # noqa: E402
 
 from sdrun.apps.synth import write_synthetic_pairs  # noqa: E402
 
@@ -32,12 +32,6 @@ def pair(tmp_path_factory):
     out = tmp_path_factory.mktemp("limits-pairs")
     write_synthetic_pairs(out, 2, seed=8)
     return (out / "data" / "10000_1.png").read_bytes(), (out / "data" / "10000_2.png").read_bytes()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Code run in the server process before `sdrun serve`: slow model calls (to hold a batch in
@@ -67,7 +61,7 @@ class Server:
     def __init__(self, bundle, *args, env=None):
         import os
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         code = BLOCK_TORCH + PATCHES + textwrap.dedent(f"""
             sys.argv = ["sdrun", "serve", {str(bundle)!r}, "--port", "{self.port}",

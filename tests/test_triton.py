@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 pytest.importorskip("tritonclient")
 import fake_triton
-from conftest import REAL_PAIRS, ROOT, sdrun
+from conftest import REAL_PAIRS, ROOT, free_port, sdrun
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -326,12 +325,6 @@ def tritonserver_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -73,15 +73,17 @@ def config_parameters(config: dict) -> dict[str, str]:
     return {k: str(v.get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
 
 
-def check_file(path: Path, sha256: str, what: str) -> None:
-    """BundleError unless `path` exists and has this sha256."""
+def check_file(path: Path, sha256: str, what: str, digests: DigestCache | None = None) -> None:
+    """BundleError unless `path` exists and has this sha256 (remembered digests from
+    `digests`, or a cache of this call's own)."""
     if not path.is_file():
         raise BundleError(f"{path}: missing ({what})")
-    digests = DigestCache()
+    cache = digests or DigestCache()
     try:
-        found = digests.sha256(path)
+        found = cache.sha256(path)
     finally:
-        digests.save()
+        if digests is None:
+            cache.save()
     if found != sha256:
         raise BundleError(f"{path}: sha256 {found[:12]}... is not the {sha256[:12]}... this repository "
                           f"was written with ({what}); write the repository again with `sdrun triton`")
@@ -219,13 +221,16 @@ def open_repository_bundle(model_folder: Path, version: str) -> Bundle:
     if not isinstance(section, dict) or not isinstance(section.get("graphs"), dict):
         raise BundleError(f"{root / MANIFEST}: no {TRITON_SECTION!r} section: not written by `sdrun triton`")
     repo = model_folder.parent
-    for graph, info in section["graphs"].items():
-        sibling = repo / info["model"]
-        if not sibling.is_dir():
-            log.warning("%s: not beside %s, so its graph file is not checked here", info["model"], model_folder)
-            continue
-        check_file(resolve_inside(repo, info["file"]), info["sha256"],
-                   f"{graph} of the bundle with content id {section.get('source_content_id', '?')[:16]}")
+    digests = DigestCache()
+    try:
+        for graph, info in section["graphs"].items():
+            if not (repo / info["model"]).is_dir():
+                log.warning("%s: not beside %s, so its graph file is not checked here", info["model"], model_folder)
+                continue
+            check_file(resolve_inside(repo, info["file"]), info["sha256"],
+                       f"{graph} of the bundle with content id {section.get('source_content_id', '?')[:16]}", digests)
+    finally:
+        digests.save()
     return bundle
 
 

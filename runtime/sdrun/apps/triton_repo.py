@@ -116,81 +116,51 @@ def batchable(entry: dict) -> bool:
     return all(t["shape"] and not isinstance(t["shape"][0], int) for t in entry["inputs"] + entry["outputs"])
 
 
-class Enum(str):
-    """A protobuf enum value (written bare: KIND_GPU, TYPE_FP32)."""
-
-    @property
-    def name(self) -> str:
-        return str(self)
-
-
-def _value(v: Any, indent: str) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, Enum):
-        return v.name
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, dict):
-        inner = indent + "  "
-        body = "".join(f"{inner}{line}\n" for line in _fields(v, inner))
-        return "{\n" + body + indent + "}"
-    raise TypeError(f"no protobuf text for {type(v).__name__}")
+ENUM_FIELDS = {"data_type", "kind"}  # written bare: TYPE_FP32, KIND_GPU
 
 
 def _fields(config: dict, indent: str = "") -> Iterable[str]:
+    """protobuf text lines of a message given as a dict: a list of dicts is a repeated
+    message, a list of numbers a packed repeated field."""
     for key, v in config.items():
-        if isinstance(v, list):
-            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                yield f"{key}: [ {', '.join(str(x) for x in v)} ]"
+        if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            yield f"{key}: [ {', '.join(str(x) for x in v)} ]"
+            continue
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, dict):
+                inner = indent + "  "
+                yield f"{key} {{\n" + "".join(f"{inner}{line}\n" for line in _fields(x, inner)) + indent + "}"
+            elif isinstance(x, bool):
+                yield f"{key}: {'true' if x else 'false'}"
+            elif isinstance(x, (int, float)) or key in ENUM_FIELDS:
+                yield f"{key}: {x}"
             else:
-                for x in v:
-                    yield f"{key} {_value(x, indent)}" if isinstance(x, dict) else f"{key}: {_value(x, indent)}"
-        elif isinstance(v, dict):
-            yield f"{key} {_value(v, indent)}"
-        else:
-            yield f"{key}: {_value(v, indent)}"
+                yield f"{key}: {json.dumps(str(x))}"
 
 
 def to_pbtxt(config: dict) -> str:
-    """A config dict in protobuf text format. Keys ending in `data_type`, `kind` and
-    `platform`-like enums must hold `Enum` values; a list of dicts is a repeated message;
-    `parameters` maps names to strings (Triton's map<string, ModelParameter>)."""
+    """A model config (dict) in protobuf text format; `parameters` maps names to strings
+    (Triton's map<string, ModelParameter>)."""
     config = dict(config)
-    params = config.pop("parameters", None)
-    lines = list(_fields(_enums(config)))
-    for key, value in (params or {}).items():
-        lines.append(f"parameters {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(str(value))} }} }}")
+    params = config.pop("parameters", None) or {}
+    lines = list(_fields(config))
+    lines += [f"parameters {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(str(v))} }} }}"
+              for k, v in params.items()]
     return "\n".join(lines) + "\n"
 
 
-_ENUM_KEYS = {"data_type", "kind"}
-
-
-def _enums(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: (Enum(v) if k in _ENUM_KEYS else _enums(v)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_enums(x) for x in node]
-    return node
-
-
 def fp16_safe(bundle: Bundle, model: str, graph: str) -> bool:
-    """Whether the bundle's own fp16 TensorRT engine of this graph passed its golden check
-    (the bundle's record that fp16 keeps this graph's answers)."""
-    name = f"{model}/{graph}"
-    for section in (bundle.manifest.get("engines") or {}).values():
-        entry = section.get("graphs", {}).get(name, {}) if section.get("precision") == "fp16" else {}
-        if entry.get("file") and entry.get("check", {}).get("ok"):
-            return True
-    return False
+    """Whether one of the bundle's fp16 TensorRT engines of this graph is usable (passed its
+    golden check, built from this graph): the bundle's record that fp16 keeps its answers."""
+    from ..backends.trt import engine_problem, engines_section
+
+    return any(section.get("precision") == "fp16" and (entry := section.get("graphs", {}).get(f"{model}/{graph}"))
+               and engine_problem(bundle, entry) is None for section in engines_section(bundle).values())
 
 
 def engine_entry(bundle: Bundle, key: str, model: str, graph: str) -> dict | None:
     """The usable engine of a graph under an engine key, or None (absent, failed, stale)."""
-    from ..backends.trt import _stale_reason, engines_section
+    from ..backends.trt import engine_problem, engines_section
 
     section = engines_section(bundle).get(key)
     if section is None:
@@ -198,9 +168,7 @@ def engine_entry(bundle: Bundle, key: str, model: str, graph: str) -> dict | Non
         raise TritonRepositoryError(f"{bundle.root}: no engines under {key!r} (the bundle has: {have}); "
                                     "build them with `sdexport engines` on the target GPU")
     entry = section.get("graphs", {}).get(f"{model}/{graph}")
-    if not entry or not entry.get("file") or not entry.get("check", {}).get("ok") or _stale_reason(bundle, entry):
-        return None
-    return entry
+    return entry if entry and engine_problem(bundle, entry) is None else None
 
 
 def graph_config(bundle: Bundle, model: str, graph: str, opts: RepositoryOptions,
@@ -230,7 +198,7 @@ def graph_config(bundle: Bundle, model: str, graph: str, opts: RepositoryOptions
         precision = "FP16" if fp16_safe(bundle, model, graph) else "FP32"
         config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
             {"name": "tensorrt", "parameters": [{"key": "precision_mode", "value": precision}]}]}}
-    params = {"spotdiff_graph": f"{model}/{graph}", "spotdiff_file": _graph_file_name(opts, engine),
+    params = {"spotdiff_graph": f"{model}/{graph}", "spotdiff_file": _graph_file_name(engine),
               "spotdiff_sha256": _graph_sha256(bundle, entry, engine)}
     if opts.graphs == "python":
         # sdrun's provider for the graph ("cuda" on a GPU server); the graph models of the
@@ -253,7 +221,7 @@ def pipeline_config(opts: RepositoryOptions, content_id: str) -> dict:
     }
 
 
-def _graph_file_name(opts: RepositoryOptions, engine: dict | None) -> str:
+def _graph_file_name(engine: dict | None) -> str:
     return "model.plan" if engine is not None else "model.onnx"
 
 
@@ -354,7 +322,7 @@ def _write(bundle: Bundle, root: Path, opts: RepositoryOptions, progress) -> dic
         engine = engine_entry(bundle, opts.engines, model, graph) if opts.engines else None
         name = model_name(model, graph)
         config = graph_config(bundle, model, graph, opts, engine)
-        file_rel = f"{name}/{VERSION}/{_graph_file_name(opts, engine)}"
+        file_rel = f"{name}/{VERSION}/{_graph_file_name(engine)}"
         if progress is not None:
             progress(f"{name}: {config.get('platform') or 'python backend'}")
         copy(bundle.path(engine["file"] if engine is not None else entry["file"]), file_rel)

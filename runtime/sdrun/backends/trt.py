@@ -517,6 +517,15 @@ def _stale_reason(bundle, entry: dict) -> str | None:
     return None
 
 
+def engine_problem(bundle: Bundle, entry: dict) -> str | None:
+    """Why an engine entry of the bundle cannot be used (failed its golden check, or built
+    from another version of its ONNX graph), or None when it can."""
+    if not entry.get("file") or not entry.get("check", {}).get("ok", False):
+        return "failed its golden check" + (f" ({entry['failed']})" if entry.get("failed") else "")
+    stale = _stale_reason(bundle, entry)
+    return f"is stale: {stale}" if stale else None
+
+
 def find_engine(bundle: Bundle, model: str, graph: str, arch: str, trt_version: str,
                 precision: str | None = None) -> tuple[str, dict]:
     """The (key, graph entry) of a usable engine for this GPU + TensorRT, preferring fp16
@@ -530,13 +539,9 @@ def find_engine(bundle: Bundle, model: str, graph: str, arch: str, trt_version: 
         entry = section.get(key, {}).get("graphs", {}).get(name)
         if entry is None:
             continue
-        if not entry.get("file") or not entry.get("check", {}).get("ok", False):
-            reasons.append(f"{key} has {name} but it failed its golden check"
-                           + (f" ({entry['failed']})" if entry.get("failed") else ""))
-            continue
-        stale = _stale_reason(bundle, entry)
-        if stale:
-            reasons.append(f"{key}'s {name} engine is stale: {stale}")
+        problem = engine_problem(bundle, entry)
+        if problem:
+            reasons.append(f"{key}'s {name} engine {problem}")
             continue
         return key, entry
     have = ", ".join(f"{k} ({len(v.get('graphs', {}))} graphs)" for k, v in sorted(section.items()))
