@@ -140,20 +140,20 @@ def test_gpu_script_is_valid_bash():
     assert p.returncode == 0, p.stderr
 
 
-def test_update_readme_fills_only_the_marked_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\nbefore\n<!-- benchmarks:begin -->\nold table\n<!-- benchmarks:end -->\nafter\n")
+def test_update_docs_fills_only_the_marked_block(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# x\n\nbefore\n<!-- benchmarks:begin -->\nold table\n<!-- benchmarks:end -->\nafter\n")
     res = BENCH / "results"
     name = sorted(p.stem for p in res.glob("*.md"))[0]  # any committed result
-    p = subprocess.run([sys.executable, str(BENCH / "update_readme.py"), name, "--readme", str(readme)],
+    p = subprocess.run([sys.executable, str(BENCH / "update_docs.py"), name, "--page", str(page)],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith("# x\n\nbefore\n<!-- benchmarks:begin -->\n")
     assert text.endswith("<!-- benchmarks:end -->\nafter\n")
     assert "old table" not in text and (res / f"{name}.md").read_text().strip() in text
-    p = subprocess.run([sys.executable, str(BENCH / "update_readme.py"), "no_such_result",
-                        "--readme", str(readme)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(BENCH / "update_docs.py"), "no_such_result",
+                        "--page", str(page)], capture_output=True, text=True)
     assert p.returncode != 0 and "no_such_result.md: missing" in p.stderr
 
 

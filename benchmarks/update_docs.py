@@ -1,7 +1,7 @@
-"""Paste the committed benchmark tables into README.md, between the markers
+"""Paste the committed benchmark tables into docs/benchmarks.md, between the markers
 `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->`.
 
-    python benchmarks/update_readme.py [NAME ...]     # default: the full-random results
+    python benchmarks/update_docs.py [NAME ...]     # default: the full-random results
 
 Each NAME is a `benchmarks/results/<NAME>.md` written by a benchmark script; a missing one
 is an error (run its benchmark first). Everything outside the markers is left alone.
@@ -33,7 +33,7 @@ def block(names: list[str]) -> str:
         if not path.is_file():
             raise SystemExit(f"{path}: missing; run the benchmark that writes it first")
         text = path.read_text().strip()
-        # results start at "###": below the README's "## Benchmarks"
+        # results start at "###": below the page's "## The tables"
         parts.append(text + f"\n\n(`benchmarks/results/{name}.json` has the raw numbers"
                      + (f", `{name}.png` the chart" if (RESULTS / f"{name}.png").is_file() else "")
                      + ".)")
@@ -43,16 +43,17 @@ def block(names: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", default=DEFAULT)
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                    help="the markdown page to fill (default: docs/benchmarks.md)")
     args = ap.parse_args(argv)
-    text = args.readme.read_text()
+    text = args.page.read_text()
     if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        print(f"{args.readme}: no {BEGIN} ... {END} block to fill", file=sys.stderr)
+        print(f"{args.page}: no {BEGIN} ... {END} block to fill", file=sys.stderr)
         return 2
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    args.readme.write_text(f"{head}{BEGIN}\n{block(args.names)}\n{END}{tail}")
-    print(f"{args.readme}: {len(args.names)} tables")
+    args.page.write_text(f"{head}{BEGIN}\n{block(args.names)}\n{END}{tail}")
+    print(f"{args.page}: {len(args.names)} tables")
     return 0
 
 
