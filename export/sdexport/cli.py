@@ -10,7 +10,7 @@ from sdrun.cli.options import VERBOSITY
 from sdrun.errors import SpotdiffError
 from sdrun.version import version_option
 
-from .sources import DEFAULT_HUB_IDS, PRESETS
+from .sources import DEFAULT_HUB_IDS, MODEL_PRESETS, PRESETS
 
 
 def _size(value: str) -> tuple[int, int]:
@@ -47,7 +47,8 @@ SOURCE_HELP = ("a hub id (default {default}), a local folder, a preset ({presets
                                                 presets="|".join(PRESETS),
                                                 extra=", or 'none' to leave it out"))
 @click.option("--siamese", help=SOURCE_HELP.format(default="timm " + DEFAULT_HUB_IDS["siamese"],
-                                                  presets="|".join(PRESETS), extra=""))
+                                                  presets="|".join((*PRESETS, *MODEL_PRESETS["siamese"])),
+                                                  extra=""))
 @click.option("--siamese-ckpt", type=click.Path(dir_okay=False),
               help="SiameseViTChange state dict (backbone.*, head.*): .safetensors or a torch "
                    "checkpoint (loaded with weights_only=True).")
@@ -202,14 +203,21 @@ def measure_memory(bundle):
                    "New or empty; a folder of an earlier run only with --resume.")
 @click.option("--backbone", default=DEFAULT_HUB_IDS["siamese"], show_default=True,
               help="The ViT, as --siamese of `sdexport build`: a timm name, a local timm folder, "
-                   "or a preset (tiny-random: small, random weights, no network).")
+                   "or a preset of random weights, no network: tiny-random (tests), small-random "
+                   "(ViT-Ti width, 4 blocks: trains from scratch on a CPU), full-random (B/16).")
 @click.option("--heads", type=click.Choice(["change", "per-class"]), default="change", show_default=True,
               help="change: the notebook's change logit; per-class: also 3 x V logits (label v "
                    "added / removed / changed) trained on the CSV's category labels.")
 @click.option("--head", type=click.Choice(["notebook", "patch-diff"]), default="notebook", show_default=True,
               help="notebook: an MLP on the mean of all tokens of each image (the notebook's). "
-                   "patch-diff: per-patch features of |a - b| and a * b, max- and mean-pooled: sees "
+                   "patch-diff: per-patch features of a - b, |a - b| and a * b, max- and mean-pooled: sees "
                    "where the images differ (docs/departures.md).")
+@click.option("--loss", type=click.Choice(["focal", "bce"]), default="focal", show_default=True,
+              help="focal: the notebook's focal loss (alpha 0.25, gamma 2); bce: plain binary "
+                   "cross-entropy, whose probabilities are calibrated (docs/departures.md).")
+@click.option("--sampler", type=click.Choice(["balanced", "shuffle"]), default="balanced", show_default=True,
+              help="balanced: draw changed and unchanged pairs equally often (with replacement); "
+                   "shuffle: every pair once per epoch, in a random order.")
 @click.option("--vocab", help="per-class heads: the labels (a comma-separated list or a CSV); "
                               "default: every label of --csv, normalised and sorted (the notebook's).")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
@@ -226,8 +234,8 @@ def measure_memory(bundle):
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last finished epoch "
                                              "(an error when --out holds no run).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_change(data, csv_path, out, backbone, heads, head, vocab, epochs, batch_size, lr, weight_decay,
-                 val_frac, seed, device, workers, resume, quiet):
+def train_change(data, csv_path, out, backbone, heads, head, loss, sampler, vocab, epochs, batch_size, lr,
+                 weight_decay, val_frac, seed, device, workers, resume, quiet):
     """Train the notebook's Siamese change model (its dataset, augmentations, weak label and
     focal loss; a class-balanced sampler; AdamW, warm-up + cosine) on labelled pairs.
 
@@ -248,7 +256,8 @@ def train_change(data, csv_path, out, backbone, heads, head, vocab, epochs, batc
         if vocab is not None and heads != "per-class":
             raise click.UsageError("--vocab names the labels of per-class heads: add --heads "
                                    "per-class, or leave --vocab out")
-        cfg = TrainConfig(data=data, csv=csv_path, backbone=backbone, heads=heads, head=head, epochs=epochs,
+        cfg = TrainConfig(data=data, csv=csv_path, backbone=backbone, heads=heads, head=head, loss=loss,
+                          sampler=sampler, epochs=epochs,
                           batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_frac=val_frac,
                           seed=seed, vocab=parse_vocabulary(vocab) if vocab is not None else None)
         vocab_file = [("--vocab", vocab)] if vocab is not None and Path(vocab).exists() else []

@@ -7,6 +7,9 @@ from pathlib import Path
 from sdrun.errors import SpotdiffError
 
 PRESETS = ("tiny-random", "full-random")
+# Presets of one model only: the Siamese ViT's small-random sits between tiny and B/16
+# (random weights a CPU can train in minutes: benchmarks/train_change.py).
+MODEL_PRESETS = {"siamese": ("small-random",)}
 
 # Hub defaults; timm and open_clip ids are their own model names.
 DEFAULT_HUB_IDS = {
@@ -80,7 +83,7 @@ def parse_source(model: str, spec: str | None, preset: str | None, option: str |
         if model != "gdino":
             raise SourceError(f"{flag} none: only Grounding DINO can be left out")
         return Source(model, "none", "none", option or "")
-    if spec in PRESETS:
+    if spec in PRESETS or spec in MODEL_PRESETS.get(model, ()):
         return Source(model, "preset", spec, option or "")
     path = Path(spec).expanduser()
     if path.exists():

@@ -24,6 +24,10 @@ from ..writer import BundleWriter, GoldenRecorder
 
 CKPT_FILE = "siamese_change.safetensors"
 TINY_ARGS = dict(embed_dim=32, depth=2, num_heads=2)
+# vit_base_patch16_224's arguments for each random preset: small-random has ViT-Ti's width
+# and heads in 4 blocks (about 1/50 of B/16's compute), for training from scratch on a CPU
+PRESET_ARGS = {"tiny-random": TINY_ARGS, "small-random": dict(embed_dim=192, depth=4, num_heads=3),
+               "full-random": {}}
 HEAD_HIDDEN = 256
 PATCH_HIDDEN = 64  # the patch-diff head's width per patch
 HEADS = ("notebook", "patch-diff")
@@ -55,22 +59,20 @@ class SiameseViTChange(nn.Module):
             if n_labels:
                 self.class_head = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(),
                                                 nn.Linear(hidden, 3 * n_labels))
-        else:  # patch-diff (docs/departures.md): each patch's |a - b| and a * b, max- and mean-pooled
+        else:  # patch-diff (docs/departures.md): features of each patch's difference, max- and mean-pooled
             hidden = hidden or PATCH_HIDDEN
-            self.patch_proj = nn.Sequential(nn.Linear(2 * self.embed_dim, hidden), nn.ReLU(),
+            self.patch_proj = nn.Sequential(nn.Linear(3 * self.embed_dim, hidden), nn.ReLU(),
                                             nn.Linear(hidden, hidden), nn.ReLU())
             self.head = nn.Linear(2 * hidden, 1)
-            if n_labels:
-                self.class_head = nn.Linear(2 * hidden, 3 * n_labels)
+            if n_labels:  # per patch, then each cell's largest: its own most telling patch
+                self.class_head = nn.Linear(hidden, 3 * n_labels)
 
-    def pooled(self, ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-        """What the heads see: the notebook's mean of every token of each image, or the
-        patch-diff head's pooled per-patch features of where the two images differ."""
-        if self.head_kind == "notebook":
-            return torch.cat([ta.mean(1), tb.mean(1)], dim=1)
+    def patch_features(self, ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        """The patch-diff head's [N, patches, hidden] features of each patch's a - b, |a - b|
+        and a * b (signed: the per-class heads tell "added" from "removed" by it)."""
         pa, pb = ta[:, 1:], tb[:, 1:]
-        f = self.patch_proj(torch.cat([(pa - pb).abs(), pa * pb], dim=-1))
-        return torch.cat([f.amax(1), f.mean(1)], dim=1)
+        d = pa - pb
+        return self.patch_proj(torch.cat([d, d.abs(), pa * pb], dim=-1))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor):
         n = a.shape[0]
@@ -78,11 +80,17 @@ class SiameseViTChange(nn.Module):
         ta, tb = tokens[:n], tokens[n:]
         gh, gw = self.backbone.patch_embed.grid_size
         heat = (ta[:, 1:] - tb[:, 1:]).pow(2).sum(-1).sqrt().reshape(n, gh, gw)
-        pooled = self.pooled(ta, tb)
-        logit = self.head(pooled).squeeze(-1)
-        if not self.n_labels:
+        if self.head_kind == "notebook":
+            pooled = torch.cat([ta.mean(1), tb.mean(1)], dim=1)
+            logit = self.head(pooled).squeeze(-1)
+            classes = self.class_head(pooled) if self.n_labels else None
+        else:
+            f = self.patch_features(ta, tb)
+            logit = self.head(torch.cat([f.amax(1), f.mean(1)], dim=1)).squeeze(-1)
+            classes = self.class_head(f).amax(1) if self.n_labels else None
+        if classes is None:
             return heat, logit
-        return heat, logit, self.class_head(pooled).reshape(n, 3, self.n_labels)
+        return heat, logit, classes.reshape(n, 3, self.n_labels)
 
 
 class PairGraph(nn.Module):
@@ -99,8 +107,7 @@ def backbone_for(source: Source):
     import timm
 
     if source.kind == "preset":
-        kwargs = TINY_ARGS if source.id == "tiny-random" else {}
-        return timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+        return timm.create_model("vit_base_patch16_224", pretrained=False, **PRESET_ARGS[source.id])
     try:
         if source.kind == "local":
             folder = Path(source.id)

@@ -45,12 +45,13 @@ from .data import (
     split,
     write_split,
 )
-from .losses import focal_loss_with_logits
+from .losses import LOSSES
 from .metrics import best_f1, macro_f1, roc_auc
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "spotdiff-train-change/1"
+SAMPLERS = ("balanced", "shuffle")
 
 # What a run writes into its folder (see the module docstring), and the temporary files
 # a run killed while writing leaves beside them (".last.pt.tmp", ".best.safetensors.tmp":
@@ -73,6 +74,8 @@ class TrainConfig:
     backbone: str = "vit_base_patch16_224"
     heads: str = "change"  # "change" or "per-class"
     head: str = "notebook"  # the change head: "notebook" or "patch-diff" (models.siamese.HEADS)
+    loss: str = "focal"  # "focal" (the notebook's) or "bce" (losses.LOSSES)
+    sampler: str = "balanced"  # "balanced" (class-balanced, with replacement) or "shuffle" (SAMPLERS)
     epochs: int = 5
     batch_size: int = 16
     lr: float = 1e-4
@@ -149,6 +152,10 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--heads {cfg.heads!r}: choose change or per-class")
     if cfg.head not in HEADS:
         raise TrainError(f"--head {cfg.head!r}: choose one of {', '.join(HEADS)}")
+    if cfg.loss not in LOSSES:
+        raise TrainError(f"--loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
+    if cfg.sampler not in SAMPLERS:
+        raise TrainError(f"--sampler {cfg.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if cfg.vocab is not None and cfg.heads != "per-class":
         raise TrainError("--vocab names the labels of per-class heads: add --heads per-class, "
                          "or leave --vocab out")
@@ -285,14 +292,16 @@ def _set_seed(seed: int, epoch: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence((seed, epoch, 7)).generate_state(1)[0]))
 
 
-def _loss(model_out, y, c, per_class: bool) -> torch.Tensor:
-    loss = focal_loss_with_logits(model_out[1], y)
+def _loss(model_out, y, c, per_class: bool, kind: str) -> torch.Tensor:
+    """The change logit's loss plus the per-class heads' (a mean over their 3 x V cells)."""
+    loss_fn = LOSSES[kind]
+    loss = loss_fn(model_out[1], y)
     if per_class:
-        loss = loss + focal_loss_with_logits(model_out[2], c)
+        loss = loss + loss_fn(model_out[2], c)
     return loss
 
 
-def evaluate(model, loader, per_class: bool, warn, device: str = "cpu") -> dict:
+def evaluate(model, loader, per_class: bool, warn, device: str = "cpu", loss: str = "focal") -> dict:
     """Validation loss, ROC-AUC and best F1 of the change logit (and the heads' macro F1
     at probability 0.5), over the readable validation pairs."""
     model.eval()
@@ -305,7 +314,7 @@ def evaluate(model, loader, per_class: bool, warn, device: str = "cpu") -> dict:
                 continue
             _, x, y, c = (t.to(device) for t in batch)
             out = model(x[:, 0], x[:, 1])
-            losses.append(float(_loss(out, y, c, per_class)))
+            losses.append(float(_loss(out, y, c, per_class, loss)))
             weights.append(len(y))
             logits.append(out[1].cpu().numpy())
             ys.append(y.cpu().numpy())
@@ -338,7 +347,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
     --data, --csv or a local --backbone. Every check (the folder, the data, the backbone,
     a checkpoint to resume) is done before anything is written."""
     from safetensors.torch import save_file
-    from torch.utils.data import DataLoader, WeightedRandomSampler
+    from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
     from tqdm import tqdm
 
     log = log or logger.info
@@ -353,7 +362,8 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
     before = _prepare_folder(run, resume, folder_inputs)
     now = {"format": FORMAT, **cfg.compared()}
     if before is not None:
-        before.setdefault("head", "notebook")  # runs from before the head option
+        for option, default in (("head", "notebook"), ("loss", "focal"), ("sampler", "balanced")):
+            before.setdefault(option, default)  # runs from before these options
         diffs = [f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(before) | set(now))
                  if before.get(k) != now.get(k)]
         if diffs:
@@ -404,7 +414,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
         else:
             log(f"resuming {run} after epoch {start - 1} of {cfg.epochs}")
     else:
-        m0 = {"epoch": 0, **evaluate(model, val_loader, per_class, log, device), "seconds": 0.0}
+        m0 = {"epoch": 0, **evaluate(model, val_loader, per_class, log, device, cfg.loss), "seconds": 0.0}
         atomic_write(metrics_path, to_json(m0) + "\n")
         log(f"before training: val AUC {m0['val_auc']}, best F1 {m0['val_best_f1']:.3f}")
 
@@ -416,8 +426,9 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
         t0 = time.perf_counter()
         _set_seed(cfg.seed, epoch)
         train_set.epoch = epoch
-        sampler = WeightedRandomSampler(weights, num_samples=len(train_rows), replacement=True,
-                                        generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        draws = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        sampler = (WeightedRandomSampler(weights, num_samples=len(train_rows), replacement=True, generator=draws)
+                   if cfg.sampler == "balanced" else RandomSampler(train_set, generator=draws))
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                             collate_fn=collate)
         model.train()
@@ -430,7 +441,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
                 log(f"warning: training pair skipped: {err}")
             if batch is not None:
                 _, x, y, c = (t.to(device) for t in batch)
-                loss = _loss(model(x[:, 0], x[:, 1]), y, c, per_class)
+                loss = _loss(model(x[:, 0], x[:, 1]), y, c, per_class, cfg.loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -440,7 +451,7 @@ def train_change(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, de
             sched.step()
         bar.close()
         record = {"epoch": epoch, "train_loss": sum(losses) / max(seen, 1), "lr": sched.get_last_lr()[0],
-                  **evaluate(model, val_loader, per_class, log, device), "skipped_pairs": skipped_total,
+                  **evaluate(model, val_loader, per_class, log, device, cfg.loss), "skipped_pairs": skipped_total,
                   "seconds": round(time.perf_counter() - t0, 2)}
         with open(metrics_path, "a") as f:
             f.write(to_json(record) + "\n")

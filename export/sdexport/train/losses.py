@@ -1,4 +1,4 @@
-"""The notebook's loss."""
+"""The notebook's loss, and plain binary cross-entropy (an option: docs/departures.md)."""
 from __future__ import annotations
 
 import torch
@@ -12,3 +12,10 @@ def focal_loss_with_logits(logits: torch.Tensor, targets: torch.Tensor, alpha: f
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     pt = torch.exp(-bce)
     return (alpha * (1 - pt) ** gamma * bce).mean()
+
+
+def bce_with_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+LOSSES = {"focal": focal_loss_with_logits, "bce": bce_with_logits}
