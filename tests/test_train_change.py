@@ -348,3 +348,25 @@ def test_training_learns_on_held_out_pairs(tmp_path):
     print(f"held-out AUC {before:.3f} -> {after:.3f}; train loss {losses}; {seconds:.0f} s")
     assert after >= before + 0.15, (before, after)
     assert losses[-1] < losses[0], losses
+
+
+def test_small_random_is_a_siamese_preset_between_tiny_and_b16():
+    from sdexport.models.siamese import backbone_for
+    from sdexport.sources import parse_source
+
+    source = parse_source("siamese", "small-random", None, option="--backbone")
+    assert source.is_random
+    vit = backbone_for(source)
+    assert (vit.num_features, len(vit.blocks), vit.patch_embed.grid_size) == (192, 4, (14, 14))
+    assert parse_source("owlvit", "small-random", None).kind == "hub"  # the Siamese ViT's only
+
+
+def test_an_unknown_loss_or_sampler_is_named(pairs, tmp_path):
+    from sdexport.train.loop import TrainConfig, TrainError, train_change
+
+    for option, value in (("loss", "mse"), ("sampler", "weighted")):
+        cfg = TrainConfig(data=str(pairs), csv=str(pairs / "labels.csv"), backbone="tiny-random",
+                          **{option: value})
+        with pytest.raises(TrainError, match=f"--{option} '{value}': choose one of"):
+            train_change(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
