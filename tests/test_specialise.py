@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sdexport.specialise import SpecialiseError, respecialise, specialise
+from sdrun.bundle.specialise import SpecialiseError, respecialise, specialise
 
 VOCAB, WIDTH = 20, 4
 
