@@ -75,8 +75,8 @@ def too_long(limit: int, labels: list[str], n: int, n_tokens: Callable[[int], in
     fit = labels_that_fit(n_tokens, len(labels), limit)
     return PromptError(
         f"Grounding DINO reads at most {limit} prompt tokens; the {len(labels)} labels make {n}: "
-        f"{fit} label(s) fit (the first {fit} of these, up to {labels[fit - 1] if fit else '-'!r}). "
-        "Use fewer or shorter labels, or a bundle without Grounding DINO")
+        f"{fit} label(s) fit" + (f" (the first {fit}, up to {labels[fit - 1]!r})" if fit else "")
+        + ". Use fewer or shorter labels, or a bundle without Grounding DINO")
 
 
 def check_labels(labels: list[str]) -> None:

@@ -93,11 +93,18 @@ def _distinct(labels) -> list[str]:
     return out
 
 
+def _is_file(spec: str) -> bool:
+    try:
+        return Path(spec).is_file()
+    except OSError:  # a long list of labels is no file name
+        return False
+
+
 def parse_vocabulary(spec: str | None, synonyms: str = DEFAULT_SYNONYMS) -> list[str]:
     """`--vocab`: None for the default, a CSV path, or a comma-separated list."""
     if spec is None:
         return default_vocabulary()
-    if spec.endswith(".csv") or Path(spec).is_file():
+    if spec.endswith(".csv") or _is_file(spec):
         return vocabulary_from_csv(spec, synonyms)
     labels = _distinct(spec.split(","))
     if not labels:
