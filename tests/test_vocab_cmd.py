@@ -132,6 +132,8 @@ def test_check_says_which_goldens_are_pytorchs(bundles):
     assert {refs[k] for k in refs if k[0] in ("siamese", "clip")} == {"pytorch"}
     res = run_without_torch(["check", str(a2)])
     assert res.returncode == 0 and "against the runtime's own record" in res.stdout
+    res = run_without_torch(["info", str(a2)])
+    assert res.returncode == 0 and "6 labels" in res.stdout and "set by `sdrun vocab`" in res.stdout
 
 
 def test_vocab_again_replaces_the_runtime_goldens(bundles, tmp_path):

@@ -260,11 +260,11 @@ def _write(src: Bundle, stage: Path, labels: list[str], copy: bool, drop_heads: 
     models = manifest["models"]
     written: list[str] = []
     dropped: list[str] = []
+    if "gdino" in models:  # first: a prompt too long for it is refused before anything runs
+        written += gdino_entry(src, models["gdino"], labels, stage, threads)
     if "owlvit" in models:
         templates = manifest.get("prompt_templates") or default_prompt_templates()
         written += owlvit_entry(src, models["owlvit"], labels, templates, stage, threads)
-    if "gdino" in models:
-        written += gdino_entry(src, models["gdino"], labels, stage, threads)
     if drop_heads:
         written += drop_class_heads(src, models["siamese"], stage)
         rel = manifest["params_file"]
@@ -323,6 +323,9 @@ def _files_table(src: Bundle, stage: Path, files: dict, written: set[str], copy:
         if rel in written:
             path = stage / rel
             table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            continue
+        if not (src.root / rel).is_file():  # only `source_files` may be absent (not verified)
+            logger.warning("%s: missing; the new bundle does not list it", src.root / rel)
             continue
         if link_or_copy(src.root / rel, _target(stage, rel), copy):
             linked += 1

@@ -130,6 +130,9 @@ def info(bundle, as_json):
     tools = m.get("tools", {})
     click.echo("tools       " + ", ".join(f"{k} {v}" for k, v in tools.items()))
     click.echo(f"vocabulary  {len(m['vocabulary'])} labels: {' '.join(m['vocabulary'])}")
+    for change in m.get("vocab_changes", []):
+        click.echo(f"            set by `sdrun vocab` {change.get('created', '?')} from "
+                   f"{change.get('source_bundle', '?')} ({len(change.get('source_vocabulary', []))} labels)")
     budget = MemoryBudget.resolve(memory_budget())
     if m.get("precision") == "int8":
         click.echo(int8_summary(b))
