@@ -115,7 +115,7 @@ def test_diff_answers_equal_the_torch_built_bundles(bundles, tmp_path):
         assert [(o["image"], o["label"], o["status"]) for o in got["objects"]] == \
             [(o["image"], o["label"], o["status"]) for o in want["objects"]]
         for g, w in zip(got["objects"], want["objects"]):
-            np.testing.assert_allclose(g["box"], w["box"], atol=1e-3)
+            np.testing.assert_allclose(g["box"], w["box"], atol=2e-3)  # 2 units of the 3-decimal box
             assert abs(g["fused_score"] - w["fused_score"]) <= 1e-4
         assert {o["label"] for o in got["objects"]} <= set(LABELS_B)
 

@@ -37,8 +37,8 @@ def register(group: click.Group) -> None:
                         of a {l}") embedded by owlvit/text.onnx -> new query embeddings.
         Grounding DINO: the prompt "l1. l2. ... ln", its token -> label map, and
                         gdino/model.onnx respecialised to it with gdino/text.onnx. A prompt
-                        longer than the text model reads (256 tokens) is an error that says
-                        how many labels fit.
+                        longer than the text model reads (max_text_len: 256 tokens in
+                        grounding-dino-base) is an error that says how many labels fit.
         Golden samples: those that do not depend on the prompt stay PyTorch's; the others
                         are recorded by onnxruntime here; `sdrun check` tells them apart.
 
