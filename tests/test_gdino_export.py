@@ -124,7 +124,7 @@ def test_graph_takes_any_batch_and_another_prompt(built, tmp_path):
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from sdexport.specialise import respecialise
+    from sdrun.bundle.specialise import respecialise
 
     root, entry, ctx = built
     model, processor = gdino.load_torch(Source("gdino", "local", str(root / "source/gdino")), ctx)

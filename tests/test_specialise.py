@@ -1,4 +1,4 @@
-"""sdexport.specialise on small hand-made graphs: what is folded, batch broadcasting, another
+"""sdrun.bundle.specialise on small hand-made graphs: what is folded, batch broadcasting, another
 prompt put in, and the graphs it refuses (a prompt-only value that depends on the batch)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sdexport.specialise import SpecialiseError, respecialise, specialise
+from sdrun.bundle.specialise import SpecialiseError, respecialise, specialise
 
 VOCAB, WIDTH = 20, 4
 

@@ -4,7 +4,7 @@ The prompt is fixed at build time, the notebook's `'. '.join(labels)` ("l1. l2. 
 no final period); its token ids are stored with a
 token -> label map made from the labels' character spans, so the runtime never decodes
 phrases. The graph is then specialised to the prompt and the all-ones pixel mask
-(`sdexport.specialise`): BERT and everything else computed from them alone (text masks,
+(`sdrun.bundle.specialise`): BERT and everything else computed from them alone (text masks,
 position ids, sine position embeddings, valid ratios, reference points) become constants,
 and `gdino/text.onnx` recomputes them for other ids. The image size is fixed per bundle (FACTS.md: dynamic
 height/width export but give wrong answers); the batch axis is dynamic.
@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdrun.errors import SpotdiffError
+from sdrun.bundle.prompts import (
+    check_labels,
+    label_spans,
+    make_prompt,
+    token_label_map,
+    too_long,
+)
+from sdrun.bundle.specialise import specialise
 
 from ..context import (
     BuildContext,
@@ -31,7 +38,6 @@ from ..context import (
     to_numpy,
 )
 from ..sources import Source, SourceError
-from ..specialise import specialise
 from ..writer import BundleWriter, GoldenRecorder
 
 GRAPH_FILE = "gdino/model.onnx"
@@ -251,42 +257,16 @@ def preset_processor(vocab: dict[str, int]):
 
 # ---- prompt ----------------------------------------------------------------------------
 
-PROMPT_SEPARATOR = ". "  # the notebook's text: '. '.join(labels)
-
-
-def make_prompt(labels: list[str]) -> str:
-    return PROMPT_SEPARATOR.join(labels)
-
-
-def label_spans(labels: list[str]) -> list[tuple[int, int]]:
-    """Character span of each label inside `make_prompt(labels)`."""
-    spans, pos = [], 0
-    for label in labels:
-        spans.append((pos, pos + len(label)))
-        pos += len(label) + len(PROMPT_SEPARATOR)
-    return spans
-
-
-def token_label_map(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Label index of every token (by character span), -1 for [CLS], [SEP] and "."."""
-    out = np.full(len(offsets), -1, dtype=np.int64)
-    for t, (start, end) in enumerate(offsets):
-        if end <= start:  # special tokens have empty spans
-            continue
-        for i, (s, e) in enumerate(spans):
-            if s <= start and end <= e:
-                out[t] = i
-                break
-    return out
-
-
 def tokenize_prompt(tokenizer, labels: list[str], max_text_len: int) -> dict[str, np.ndarray]:
+    """The prompt's ids and token -> label map with the HF tokenizer (the runtime's
+    `sdrun.bundle.prompts.gdino_tokens` does the same from tokenizer.json)."""
+    check_labels(labels)
     prompt = make_prompt(labels)
     enc = tokenizer(prompt, return_offsets_mapping=True)
     n = len(enc["input_ids"])
     if n > max_text_len:
-        raise SpotdiffError(f"Grounding DINO reads at most {max_text_len} prompt tokens; the "
-                          f"{len(labels)} labels make {n}: use fewer labels")
+        raise too_long(max_text_len, labels, n,
+                       lambda k: len(tokenizer(make_prompt(labels[:k]))["input_ids"]))
     out = {k: np.asarray(enc[k], dtype=np.int64)[None] for k in TEXT_INPUTS}
     out["token_labels"] = token_label_map(enc["offset_mapping"], label_spans(labels))
     return out
@@ -551,7 +531,7 @@ def export_model(source: Source, writer: BundleWriter, ctx: BuildContext) -> dic
             "boundary": folded["boundary"], "where_removed": folded["where_removed"],
             "how": ("the graph is specialised to this prompt and the all-ones pixel mask: "
                     "every tensor computed from them alone is an initializer "
-                    "(sdexport.specialise); the text graph maps another prompt's ids (and "
+                    "(sdrun.bundle.specialise); the text graph maps another prompt's ids (and "
                     "the same mask) to new values of those tensors (respecialise)")},
         "golden_file": golden.save(writer, GOLDEN_FILE),
         "tolerance": {"rel_l2": 1e-5},

@@ -4,7 +4,9 @@ Golden files are `.npz` archives with keys `{case}__{graph}__in__{name}` and
 `{case}__{graph}__out__{name}`. Each output is compared with relative L2
 (||run - ref|| / ||ref||) against the tolerance the manifest states: a graph's own
 `tolerance` (int8 graphs carry theirs, see `sdexport.quantize`) or else its model's.
-The references are always PyTorch fp32 outputs, whatever the graph's precision.
+The references are PyTorch fp32 outputs, whatever the graph's precision, except the cases
+a model's `runtime_golden` lists: outputs that depend on a prompt PyTorch never ran
+(`sdrun vocab`), recorded by the runtime itself; each check says which reference it used.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class OutputCheck:
     tolerance: float
     note: str = ""
     precision: str = "fp32"
+    reference: str = "pytorch"  # or "runtime": the runtime's own record (`sdrun vocab`)
 
     @property
     def ok(self) -> bool:
@@ -86,6 +89,15 @@ def match_slots(run: dict, ref: dict, keys: list[str], axis: int = 1) -> tuple[d
     return out, moved
 
 
+PYTORCH, RUNTIME = "pytorch", "runtime"
+
+
+def reference_of(entry: dict, case: str, graph: str) -> str:
+    """Who recorded a golden case of a model: PyTorch at build time, or the runtime
+    (`sdrun vocab`, listed in the model's `runtime_golden`)."""
+    return RUNTIME if f"{case}/{graph}" in (entry.get("runtime_golden") or {}).get("cases", []) else PYTORCH
+
+
 def tolerance_for(entry: dict, graph_entry: dict) -> tuple[float, str]:
     """(relative-L2 tolerance, precision) of one graph: the graph's own tolerance when it has
     one (an int8 graph does), else its model's, else DEFAULT_REL_L2."""
@@ -112,7 +124,9 @@ def check_graph(bundle: Bundle, model: str, graph: str, session: Model, toleranc
         if g != graph:
             continue
         outs = session.run(io["in"])
-        note = "" if precision == "fp32" else f"{precision} graph vs PyTorch fp32"
+        reference = reference_of(entry, case, g)
+        ref_name = "PyTorch fp32" if reference == PYTORCH else "the runtime's fp32 record"
+        note = "" if precision == "fp32" else f"{precision} graph vs {ref_name}"
         slots = gentry.get("slot_outputs")
         if slots:
             outs, moved = match_slots(outs, io["out"], slots, axis=gentry.get("slot_axis", 1))
@@ -121,7 +135,7 @@ def check_graph(bundle: Bundle, model: str, graph: str, session: Model, toleranc
         for oname, ref in io["out"].items():
             max_abs, rel, why = compare(outs[oname], ref)
             yield OutputCheck(model, graph, case, oname, tuple(ref.shape), max_abs, rel, tolerance,
-                              why or note, precision)
+                              why or note, precision, reference)
 
 
 def check_bundle(bundle: Bundle, provider: str = "cpu", models: list[str] | None = None, *,

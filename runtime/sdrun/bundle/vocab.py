@@ -80,19 +80,49 @@ def vocabulary_from_csv(path: str | Path, synonyms: str = DEFAULT_SYNONYMS) -> l
     return sorted(labels)
 
 
+def clean_label(text: str) -> str:
+    """A label as given by a user: lower-cased, runs of white space made one space."""
+    return " ".join(text.strip().lower().split())
+
+
+def _distinct(labels) -> list[str]:
+    out: list[str] = []
+    for label in map(clean_label, labels):
+        if label and label not in out:
+            out.append(label)
+    return out
+
+
+def _is_file(spec: str) -> bool:
+    try:
+        return Path(spec).is_file()
+    except OSError:  # a long list of labels is no file name
+        return False
+
+
 def parse_vocabulary(spec: str | None, synonyms: str = DEFAULT_SYNONYMS) -> list[str]:
     """`--vocab`: None for the default, a CSV path, or a comma-separated list."""
     if spec is None:
         return default_vocabulary()
-    if spec.endswith(".csv") or Path(spec).is_file():
+    if spec.endswith(".csv") or _is_file(spec):
         return vocabulary_from_csv(spec, synonyms)
-    labels = []
-    for part in spec.split(","):
-        label = " ".join(part.strip().lower().split())
-        if label and label not in labels:
-            labels.append(label)
+    labels = _distinct(spec.split(","))
     if not labels:
         raise ValueError(f"--vocab {spec!r} names no labels")
+    return labels
+
+
+def read_labels_file(path: str | Path) -> list[str]:
+    """A labels file: one label per line, in the order given (blank lines and lines starting
+    with '#' skipped, repeats dropped), each cleaned like `--vocab`'s (`clean_label`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as a text file of labels ({e})") from None
+    labels = _distinct(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    if not labels:
+        raise ValueError(f"{path}: no labels (expected one label per line)")
     return labels
 
 

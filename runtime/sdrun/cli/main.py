@@ -25,6 +25,7 @@ from ..version import version_option
 from . import eval as eval_commands
 from . import precision as precision_commands
 from . import triton as triton_commands
+from . import vocab as vocab_commands
 from .options import (
     MAX_PIXELS,
     MEMORY_BUDGET,
@@ -77,24 +78,35 @@ def check(bundle, provider, models, as_json):
 
     Runs every graph on the inputs recorded at build time and compares each output
     with PyTorch's (relative L2 and max-abs). Exits 1 if any output is out of tolerance.
+
+    The column "ref" says what each output is compared with: "PyTorch" (recorded by
+    `sdexport build`), or "runtime" for the outputs of a bundle made by `sdrun vocab` that
+    depend on a prompt PyTorch never ran (recorded by onnxruntime when the vocabulary
+    changed; they prove that this machine computes what that machine did).
     """
     b = Bundle.load(bundle)
-    from ..apps.check import check_bundle
+    from ..apps.check import RUNTIME, check_bundle
 
     failed = 0
+    counts = {"PyTorch": 0, "runtime": 0}
     if not as_json and b.manifest.get("precision") == "int8":
         click.echo(int8_summary(b))
     if not as_json:
-        click.echo(f"{'model':8} {'graph':6} {'case':6} {'output':14} {'shape':18} "
-                   f"{'max_abs':>10} {'rel_l2':>10} {'tol':>8}  ok")
+        click.echo(f"{'model':8} {'graph':6} {'case':7} {'output':14} {'shape':18} "
+                   f"{'max_abs':>10} {'rel_l2':>10} {'tol':>8} {'ref':8} ok")
     for c in check_bundle(b, provider=provider, models=list(models) or None):
         failed += not c.ok
+        ref = "runtime" if c.reference == RUNTIME else "PyTorch"
+        counts[ref] += 1
         if as_json:
             click.echo(json.dumps({**c.__dict__, "shape": list(c.shape), "ok": c.ok}))
         else:
-            click.echo(f"{c.model:8} {c.graph:6} {c.case:6} {c.output:14} {str(c.shape):18} "
-                       f"{c.max_abs:10.2e} {c.rel_l2:10.2e} {c.tolerance:8.0e}  "
+            click.echo(f"{c.model:8} {c.graph:6} {c.case:7} {c.output:14} {str(c.shape):18} "
+                       f"{c.max_abs:10.2e} {c.rel_l2:10.2e} {c.tolerance:8.0e} {ref:8} "
                        f"{'yes' if c.ok else 'NO'}{'  ' + c.note if c.note else ''}")
+    if not as_json and counts["runtime"]:
+        click.echo(f"{counts['PyTorch']} output(s) checked against PyTorch, {counts['runtime']} against "
+                   "the runtime's own record (prompt-dependent; written by `sdrun vocab`)")
     if failed:
         click.echo(f"{failed} output(s) out of tolerance", err=True)
         sys.exit(1)
@@ -118,6 +130,9 @@ def info(bundle, as_json):
     tools = m.get("tools", {})
     click.echo("tools       " + ", ".join(f"{k} {v}" for k, v in tools.items()))
     click.echo(f"vocabulary  {len(m['vocabulary'])} labels: {' '.join(m['vocabulary'])}")
+    for change in m.get("vocab_changes", []):
+        click.echo(f"            set by `sdrun vocab` {change.get('created', '?')} from "
+                   f"{change.get('source_bundle', '?')} ({len(change.get('source_vocabulary', []))} labels)")
     budget = MemoryBudget.resolve(memory_budget())
     if m.get("precision") == "int8":
         click.echo(int8_summary(b))
@@ -403,6 +418,7 @@ def serve(bundle, host, port, max_batch_pairs, max_wait_ms, max_queue, max_bytes
 
 eval_commands.register(main)  # score, eval, tune
 precision_commands.register(main)  # precision
+vocab_commands.register(main)  # vocab
 triton_commands.register(main)  # triton
 
 if __name__ == "__main__":

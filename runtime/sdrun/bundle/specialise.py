@@ -12,7 +12,8 @@ at full size) is the same on every call. `specialise` cuts the generic graph in 
 `respecialise` puts another prompt's values in (a new vocabulary: run the text graph on its
 ids, replace the initializers), so a bundle never needs PyTorch to change its prompt. The
 boundary tensors keep their names and shapes stay symbolic along the token axis, so the
-consumers are untouched. Everything here is numpy, onnx and onnxruntime.
+consumers are untouched. Everything here is numpy, onnx and onnxruntime: `sdexport build`
+specialises, `sdrun vocab` respecialises (onnx comes with the `vocab` extra).
 
 Two refinements: a Shape op whose value would freeze the batch size stays a run-time node
 (it then reads a batch-sized boundary tensor), and a Where whose condition folds to an
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SpotdiffError
+
 PROMPT_SUFFIX = "__prompt"  # initializer of a boundary tensor's value: "<tensor>__prompt"
 BATCH_SOURCE = "pixel_values"  # the input whose first axis is the call's batch
 
 
-class SpecialiseError(ValueError):
-    pass
+class SpecialiseError(SpotdiffError, ValueError):
+    """A graph that cannot be specialised to a prompt, or a prompt it cannot take."""
 
 
 def prompt_only_nodes(graph, inputs: set[str], keep: frozenset[str] = frozenset()
@@ -178,7 +181,7 @@ def specialise(model_path: str | Path, out_path: str | Path, text_path: str | Pa
 
     folded, _ = prompt_only_nodes(graph, set(inputs), keep)
     removed = {id(n) for n in folded}
-    kept = _live([n for n in graph.node if id(n) not in removed], graph)
+    kept = live_nodes([n for n in graph.node if id(n) not in removed], graph)
     used = {t for n in kept for t in n.input} | {o.name for o in graph.output}
     before = sum(t.ByteSize() for t in graph.initializer)
     initializers = [t for t in graph.initializer if t.name in used]
@@ -194,7 +197,7 @@ def specialise(model_path: str | Path, out_path: str | Path, text_path: str | Pa
                       if values[name].dtype == np.bool_ and values[name].size
                       and (values[name].all() or not values[name].any())}
     kept, n_where = _drop_constant_where(kept, constant_masks)
-    nodes = _live(head + kept, graph)
+    nodes = live_nodes(head + kept, graph)
     used = {t for n in nodes for t in n.input} | {o.name for o in graph.output}
     initializers = [t for t in initializers if t.name in used]
     del graph.node[:]
@@ -255,7 +258,7 @@ def _metadata(model) -> dict:
     return next((json.loads(p.value) for p in model.metadata_props if p.key == METADATA_KEY), {})
 
 
-def _live(nodes: list, graph) -> list:
+def live_nodes(nodes: list, graph) -> list:
     """`nodes` without those whose outputs nothing uses (constants only the prompt needed)."""
     outputs = {o.name for o in graph.output}
     while True:
