@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (threads, before torch)
-from common import RESULTS, machine, md_table, pyplot, save_figure, write_outputs
+from common import RESULTS, machine, md_table, pyplot, save_figure, save_partial, write_outputs
 
 import numpy as np
 import torch
@@ -106,8 +106,14 @@ def train_contender(name: str, args, train_dir: Path, held_rows, vocab: list[str
             "checkpoint": str(run / "best.safetensors")}
 
 
-def tune_with_heads(checkpoint: str, vocab: list[str], backbone: str, held_dir: Path, work: Path) -> dict:
-    """Build the checkpoint into a tiny bundle and run `sdrun tune` on the held-out pairs."""
+def tune_with_heads(checkpoint: str, vocab: list[str], backbone: str, held_dir: Path, work: Path,
+                    pairs: int) -> dict:
+    """Build the checkpoint into a tiny bundle and run `sdrun tune` on the first `pairs`
+    held-out pairs (the sweep's time grows with the pairs times their candidate boxes, and
+    random detectors give many)."""
+    rows = (held_dir / "labels.csv").read_text().splitlines()
+    csv = work / "tune-labels.csv"
+    csv.write_text("\n".join(rows[:pairs + 1]) + "\n")
     bundle = work / "bundle"
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "sdexport"), "-q", "build", "--preset", "tiny-random", "--siamese", backbone,
@@ -116,7 +122,7 @@ def tune_with_heads(checkpoint: str, vocab: list[str], backbone: str, held_dir: 
     report = work / "tune.json"
     t0 = time.perf_counter()
     subprocess.run([str(bin_dir / "sdrun"), "tune", str(bundle), "--data", str(held_dir),
-                    "--csv", str(held_dir / "labels.csv"), "--json", str(report), "--quiet"],
+                    "--csv", str(csv), "--json", str(report), "--quiet"],
                    check=True, stdout=subprocess.DEVNULL)
     out = json.loads(report.read_text())
     return {"seconds": round(time.perf_counter() - t0, 1), "heads": out["class_heads"],
@@ -187,8 +193,8 @@ def markdown(report: dict) -> str:
                              fmt(e["heldout"]["class_macro_f1"])] for e in c["epochs"]]), ""]
     t = report.get("tune")
     if t:
-        lines += [f"## sdrun tune on the held-out pairs ({report['tune_contender']}'s best checkpoint, "
-                  "tiny random detectors)", "",
+        lines += [f"## sdrun tune on {sum(t['pairs'].values())} held-out pairs ({report['tune_contender']}'s "
+                  "best checkpoint, tiny random detectors)", "",
                   md_table(["head mode", "metric (tune's train split)", "metric (its validation split)"],
                            [[h["mode"], fmt(h["train"]), fmt(h["val"])] for h in t["heads"]]), "",
                   f"Picked: **{t['heads'][0]['mode']}** (best on the train split first); gain over heads off: "
@@ -233,6 +239,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--no-tune", action="store_true", help="leave out the sdrun tune step")
+    ap.add_argument("--tune-pairs", type=int, default=150, help="held-out pairs sdrun tune runs on")
     ap.add_argument("--timing-steps", type=int, default=3)
     ap.add_argument("--timing", default="tiny-random,small-random,full-random",
                     help="backbones to time a step of ('' for none)")
@@ -268,9 +275,10 @@ def main() -> int:
         "contenders": {}}
     for name in names:
         report["contenders"][name] = train_contender(name, args, train_dir, held_rows, vocab, work, log)
+        save_partial(args.out_dir, args.name, report)  # hours of training are not lost to a later step
     if not args.no_tune:
         first = report["contenders"][names[0]]
-        t = tune_with_heads(first["checkpoint"], vocab, args.backbone, held_dir, work)
+        t = tune_with_heads(first["checkpoint"], vocab, args.backbone, held_dir, work, args.tune_pairs)
         modes = {h["mode"]: h for h in t["heads"]}
         off = modes["off"]
         best = t["heads"][0]
