@@ -160,10 +160,16 @@ def test_update_docs_fills_only_the_marked_block(tmp_path):
 def test_train_change_benchmark_smoke(tmp_path):
     pytest.importorskip("albumentations")
     _run("train_change.py", "--train-pairs", "20", "--heldout-pairs", "12", "--epochs", "1",
-         "--batch-size", "8", "--timing-steps", "1", "--skip-vit-b", "--out-dir", str(tmp_path))
+         "--batch-size", "8", "--backbone", "tiny-random", "--contenders", "patch-diff",
+         "--tune-pairs", "8", "--timing", "tiny-random", "--timing-steps", "1", "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "train_change.json").read_text())
-    assert report["heldout"]["after"]["pairs"] == 12 and report["step_seconds"]["tiny-random"] > 0
-    assert [m["epoch"] for m in report["epochs"]] == [0, 1]
+    run = report["contenders"]["patch-diff"]
+    assert [e["epoch"] for e in run["epochs"]] == [0, 1] and report["heldout_pairs"] == 12
+    assert 0.0 <= run["epochs"][1]["heldout"]["auc"] <= 1.0 and run["epochs"][1]["train_loss"] > 0
+    assert {h["mode"] for h in report["tune"]["heads"]} == {"off", "detectors", "heads"}
+    assert sum(report["tune"]["pairs"].values()) == 8
+    assert report["step_seconds"]["tiny-random"] > 0
+    assert (tmp_path / "train_change.md").is_file() and (tmp_path / "train_change.png").is_file()
 
 
 def test_serve_load_benchmark_smoke(tiny_bundle, tmp_path):
